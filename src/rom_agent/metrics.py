@@ -1,0 +1,239 @@
+"""Prometheus instrumentation (SPEC §8), kept in one module.
+
+Layers report events through `Metrics` methods; nothing else imports prometheus-client. Each
+app owns its registry, so tests can run several apps side by side. State gauges (breaker state,
+bottleneck running/queued) are read from their owners at scrape time by a custom collector, so
+`/metrics` always shows the live state — an OPEN breaker whose cooldown has passed shows
+HALF_OPEN without any request arriving.
+
+When `ENABLE_METRICS` is false nothing is recorded: every event method checks the flag first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+OPERATION = "converse"
+
+BREAKER_STATE_VALUE = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class BreakerStates(Protocol):
+    def states(self) -> Iterable[tuple[str, str]]:
+        """(model id, state name) for every breaker, evaluated now."""
+        ...
+
+
+class AdmissionGauges(Protocol):
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+
+class _LiveStateCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "circuit_breaker_state",
+            "Circuit breaker state per model: 0 CLOSED, 1 HALF_OPEN, 2 OPEN",
+            labels=["operation", "model", "state"],
+        )
+        source = self._metrics.breaker_source
+        for model, name in source.states() if source else ():
+            state.add_metric([OPERATION, model, name], BREAKER_STATE_VALUE[name])
+        yield state
+
+        admission = self._metrics.admission_source
+        running = GaugeMetricFamily("bottleneck_running", "Requests running now")
+        queued = GaugeMetricFamily("bottleneck_queued", "Requests waiting in the queue now")
+        running.add_metric([], admission.running if admission else 0)
+        queued.add_metric([], admission.queued if admission else 0)
+        yield running
+        yield queued
+
+
+class Metrics:
+    def __init__(self, enabled: Callable[[], bool], models: Sequence[str]) -> None:
+        self._enabled = enabled
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.breaker_source: BreakerStates | None = None
+        self.admission_source: AdmissionGauges | None = None
+        r = self.registry
+        labels_om = ["operation", "model"]
+
+        self.breaker_success = Counter(
+            "circuit_breaker_success", "Calls the breaker let through that succeeded",
+            labels_om, registry=r)
+        self.breaker_failure = Counter(
+            "circuit_breaker_failure", "Calls counted as failures by the breaker",
+            labels_om, registry=r)
+        self.breaker_rejected = Counter(
+            "circuit_breaker_rejected", "Calls rejected by an OPEN or saturated HALF_OPEN breaker",
+            labels_om, registry=r)
+        self.breaker_transitions = Counter(
+            "circuit_breaker_transitions", "Breaker state transitions",
+            [*labels_om, "from", "to"], registry=r)
+
+        self.fallback = Counter(
+            "model_fallback", "Moves from one model of the chain to the next",
+            ["operation", "from", "to", "reason"], registry=r)
+        self.fallback_attempt = Counter(
+            "model_fallback_attempt", "Models tried by the fallback chain", labels_om, registry=r)
+        self.fallback_success = Counter(
+            "model_fallback_success", "Requests answered, by the model that answered",
+            labels_om, registry=r)
+        self.fallback_exhausted = Counter(
+            "model_fallback_exhausted", "Requests for which every model of the chain failed",
+            ["operation"], registry=r)
+
+        self.bottleneck_running_total = Counter(
+            "bottleneck_running", "Requests admitted to run", ["operation"], registry=r)
+        self.bottleneck_queued_total = Counter(
+            "bottleneck_queued", "Requests that had to wait in the queue", ["operation"],
+            registry=r)
+        self.bottleneck_rejected = Counter(
+            "bottleneck_rejected", "Requests rejected by admission control",
+            ["operation", "reason"], registry=r)
+        self.bottleneck_queue_wait = Histogram(
+            "bottleneck_queue_wait_seconds", "Time spent waiting for admission",
+            buckets=_WAIT_BUCKETS, registry=r)
+
+        self.retry_attempts = Counter(
+            "retry_attempts", "Retries made, by reason", ["model", "reason"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            "retry_budget_exhausted", "Retries refused by the retry budget", ["model"], registry=r)
+        self.guardrails_triggered = Counter(
+            "guardrails_triggered", "Guardrail events, by reason", ["reason"], registry=r)
+        self.llm_duration = Histogram(
+            "llm_request_duration_seconds", "Provider attempt duration",
+            ["model", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.llm_tokens = Counter(
+            "llm_tokens", "Tokens used", ["model", "direction"], registry=r)
+        self.http_requests = Counter(
+            "http_requests", "HTTP requests served", ["route", "status"], registry=r)
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "HTTP request duration", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+
+        r.register(_LiveStateCollector(self))
+        self._seed(models)
+
+    def _seed(self, models: Sequence[str]) -> None:
+        """Create every series the guide greps, zero-valued, before the first request."""
+        op = OPERATION
+        for model in models:
+            self.breaker_success.labels(op, model)
+            self.breaker_failure.labels(op, model)
+            self.breaker_rejected.labels(op, model)
+            self.fallback_attempt.labels(op, model)
+            self.fallback_success.labels(op, model)
+            self.retry_budget_exhausted.labels(model)
+            for direction in ("input", "output"):
+                self.llm_tokens.labels(model, direction)
+        for current, following in zip(models, models[1:], strict=False):
+            self.fallback.labels(op, current, following, "error")
+        self.fallback_exhausted.labels(op)
+        self.bottleneck_running_total.labels(op)
+        self.bottleneck_queued_total.labels(op)
+        for reason in ("queue_full", "queue_timeout", "draining"):
+            self.bottleneck_rejected.labels(op, reason)
+
+    # ------------------------------------------------------------------ exposition
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------------ events
+
+    def breaker_outcome(self, model: str, outcome: str) -> None:
+        """outcome: success | failure | rejected."""
+        if not self._enabled():
+            return
+        if outcome == "success":
+            self.breaker_success.labels(OPERATION, model).inc()
+        elif outcome == "failure":
+            self.breaker_failure.labels(OPERATION, model).inc()
+        else:
+            self.breaker_rejected.labels(OPERATION, model).inc()
+
+    def breaker_transition(self, model: str, old: str, new: str) -> None:
+        if self._enabled():
+            self.breaker_transitions.labels(OPERATION, model, old, new).inc()
+
+    def fallback_attempted(self, model: str) -> None:
+        if self._enabled():
+            self.fallback_attempt.labels(OPERATION, model).inc()
+
+    def fallback_moved(self, old: str, new: str, reason: str) -> None:
+        if self._enabled():
+            self.fallback.labels(OPERATION, old, new, reason).inc()
+
+    def fallback_succeeded(self, model: str) -> None:
+        if self._enabled():
+            self.fallback_success.labels(OPERATION, model).inc()
+
+    def fallback_chain_exhausted(self) -> None:
+        if self._enabled():
+            self.fallback_exhausted.labels(OPERATION).inc()
+
+    def admission_admitted(self, waited_s: float, queued: bool) -> None:
+        if not self._enabled():
+            return
+        self.bottleneck_running_total.labels(OPERATION).inc()
+        if queued:
+            self.bottleneck_queued_total.labels(OPERATION).inc()
+        self.bottleneck_queue_wait.observe(waited_s)
+
+    def admission_rejected(self, reason: str) -> None:
+        if self._enabled():
+            self.bottleneck_rejected.labels(OPERATION, reason).inc()
+
+    def retry_made(self, model: str, reason: str) -> None:
+        if self._enabled():
+            self.retry_attempts.labels(model, reason).inc()
+
+    def retry_refused_by_budget(self, model: str) -> None:
+        if self._enabled():
+            self.retry_budget_exhausted.labels(model).inc()
+
+    def guardrail_triggered(self, reason: str) -> None:
+        if self._enabled():
+            self.guardrails_triggered.labels(reason).inc()
+
+    def llm_attempt(self, model: str, outcome: str, seconds: float) -> None:
+        if self._enabled():
+            self.llm_duration.labels(model, outcome).observe(seconds)
+
+    def tokens_used(self, model: str, input_tokens: int, output_tokens: int) -> None:
+        if not self._enabled():
+            return
+        self.llm_tokens.labels(model, "input").inc(input_tokens)
+        self.llm_tokens.labels(model, "output").inc(output_tokens)
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        if not self._enabled():
+            return
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_duration.labels(route).observe(seconds)
