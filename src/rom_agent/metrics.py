@@ -11,18 +11,22 @@ When `ENABLE_METRICS` is false nothing is recorded: every event method checks th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+# `*_created` series double the exposition for no operator value.
+disable_created_metrics()
 
 OPERATION = "converse"
 
@@ -61,6 +65,17 @@ class _LiveStateCollector(Collector):
             state.add_metric([OPERATION, model, name], BREAKER_STATE_VALUE[name])
         yield state
 
+        admitted = CounterMetricFamily(
+            "bottleneck_running", "Requests admitted to run", labels=["operation"]
+        )
+        admitted.add_metric([OPERATION], self._metrics.admitted_count)
+        waited = CounterMetricFamily(
+            "bottleneck_queued", "Requests that had to wait in the queue", labels=["operation"]
+        )
+        waited.add_metric([OPERATION], self._metrics.queued_count)
+        yield admitted
+        yield waited
+
         admission = self._metrics.admission_source
         running = GaugeMetricFamily("bottleneck_running", "Requests running now")
         queued = GaugeMetricFamily("bottleneck_queued", "Requests waiting in the queue now")
@@ -80,58 +95,97 @@ class Metrics:
         labels_om = ["operation", "model"]
 
         self.breaker_success = Counter(
-            "circuit_breaker_success", "Calls the breaker let through that succeeded",
-            labels_om, registry=r)
+            "circuit_breaker_success",
+            "Calls the breaker let through that succeeded",
+            labels_om,
+            registry=r,
+        )
         self.breaker_failure = Counter(
-            "circuit_breaker_failure", "Calls counted as failures by the breaker",
-            labels_om, registry=r)
+            "circuit_breaker_failure",
+            "Calls counted as failures by the breaker",
+            labels_om,
+            registry=r,
+        )
         self.breaker_rejected = Counter(
-            "circuit_breaker_rejected", "Calls rejected by an OPEN or saturated HALF_OPEN breaker",
-            labels_om, registry=r)
+            "circuit_breaker_rejected",
+            "Calls rejected by an OPEN or saturated HALF_OPEN breaker",
+            labels_om,
+            registry=r,
+        )
         self.breaker_transitions = Counter(
-            "circuit_breaker_transitions", "Breaker state transitions",
-            [*labels_om, "from", "to"], registry=r)
+            "circuit_breaker_transitions",
+            "Breaker state transitions",
+            [*labels_om, "from", "to"],
+            registry=r,
+        )
 
         self.fallback = Counter(
-            "model_fallback", "Moves from one model of the chain to the next",
-            ["operation", "from", "to", "reason"], registry=r)
+            "model_fallback",
+            "Moves from one model of the chain to the next",
+            ["operation", "from", "to", "reason"],
+            registry=r,
+        )
         self.fallback_attempt = Counter(
-            "model_fallback_attempt", "Models tried by the fallback chain", labels_om, registry=r)
+            "model_fallback_attempt", "Models tried by the fallback chain", labels_om, registry=r
+        )
         self.fallback_success = Counter(
-            "model_fallback_success", "Requests answered, by the model that answered",
-            labels_om, registry=r)
+            "model_fallback_success",
+            "Requests answered, by the model that answered",
+            labels_om,
+            registry=r,
+        )
         self.fallback_exhausted = Counter(
-            "model_fallback_exhausted", "Requests for which every model of the chain failed",
-            ["operation"], registry=r)
+            "model_fallback_exhausted",
+            "Requests for which every model of the chain failed",
+            ["operation"],
+            registry=r,
+        )
 
-        self.bottleneck_running_total = Counter(
-            "bottleneck_running", "Requests admitted to run", ["operation"], registry=r)
-        self.bottleneck_queued_total = Counter(
-            "bottleneck_queued", "Requests that had to wait in the queue", ["operation"],
-            registry=r)
+        # bottleneck_running_total / bottleneck_queued_total share their base names with the
+        # gauges bottleneck_running / bottleneck_queued, which prometheus-client refuses across
+        # collectors; the live collector exposes them instead, from these two counts.
+        self.admitted_count = 0
+        self.queued_count = 0
         self.bottleneck_rejected = Counter(
-            "bottleneck_rejected", "Requests rejected by admission control",
-            ["operation", "reason"], registry=r)
+            "bottleneck_rejected",
+            "Requests rejected by admission control",
+            ["operation", "reason"],
+            registry=r,
+        )
         self.bottleneck_queue_wait = Histogram(
-            "bottleneck_queue_wait_seconds", "Time spent waiting for admission",
-            buckets=_WAIT_BUCKETS, registry=r)
+            "bottleneck_queue_wait_seconds",
+            "Time spent waiting for admission",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
 
         self.retry_attempts = Counter(
-            "retry_attempts", "Retries made, by reason", ["model", "reason"], registry=r)
+            "retry_attempts", "Retries made, by reason", ["model", "reason"], registry=r
+        )
         self.retry_budget_exhausted = Counter(
-            "retry_budget_exhausted", "Retries refused by the retry budget", ["model"], registry=r)
+            "retry_budget_exhausted", "Retries refused by the retry budget", ["model"], registry=r
+        )
         self.guardrails_triggered = Counter(
-            "guardrails_triggered", "Guardrail events, by reason", ["reason"], registry=r)
+            "guardrails_triggered", "Guardrail events, by reason", ["reason"], registry=r
+        )
         self.llm_duration = Histogram(
-            "llm_request_duration_seconds", "Provider attempt duration",
-            ["model", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.llm_tokens = Counter(
-            "llm_tokens", "Tokens used", ["model", "direction"], registry=r)
+            "llm_request_duration_seconds",
+            "Provider attempt duration",
+            ["model", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_tokens = Counter("llm_tokens", "Tokens used", ["model", "direction"], registry=r)
         self.http_requests = Counter(
-            "http_requests", "HTTP requests served", ["route", "status"], registry=r)
+            "http_requests", "HTTP requests served", ["route", "status"], registry=r
+        )
         self.http_duration = Histogram(
-            "http_request_duration_seconds", "HTTP request duration", ["route"],
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "http_request_duration_seconds",
+            "HTTP request duration",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
         r.register(_LiveStateCollector(self))
         self._seed(models)
@@ -148,11 +202,9 @@ class Metrics:
             self.retry_budget_exhausted.labels(model)
             for direction in ("input", "output"):
                 self.llm_tokens.labels(model, direction)
-        for current, following in zip(models, models[1:], strict=False):
+        for current, following in itertools.pairwise(models):
             self.fallback.labels(op, current, following, "error")
         self.fallback_exhausted.labels(op)
-        self.bottleneck_running_total.labels(op)
-        self.bottleneck_queued_total.labels(op)
         for reason in ("queue_full", "queue_timeout", "draining"):
             self.bottleneck_rejected.labels(op, reason)
 
@@ -201,9 +253,9 @@ class Metrics:
     def admission_admitted(self, waited_s: float, queued: bool) -> None:
         if not self._enabled():
             return
-        self.bottleneck_running_total.labels(OPERATION).inc()
+        self.admitted_count += 1
         if queued:
-            self.bottleneck_queued_total.labels(OPERATION).inc()
+            self.queued_count += 1
         self.bottleneck_queue_wait.observe(waited_s)
 
     def admission_rejected(self, reason: str) -> None:

@@ -58,7 +58,9 @@ class FakeClock:
     autoadvance: bool = True
     _now: float = field(init=False)
     _rng: random.Random = field(init=False)
-    _sleepers: list[tuple[float, int, asyncio.Future[None]]] = field(init=False, default_factory=list)
+    _sleepers: list[tuple[float, int, asyncio.Future[None]]] = field(
+        init=False, default_factory=list
+    )
     _seq: itertools.count[int] = field(init=False, default_factory=itertools.count)
     slept: list[float] = field(init=False, default_factory=list)
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One command: set up (first run only) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh test
+.venv/bin/ruff check src tests bench scripts
+exec .venv/bin/python -m pytest "$@"

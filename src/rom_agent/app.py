@@ -1,0 +1,180 @@
+"""The ASGI application: builds the services, mounts the routes, maps every error to the SPEC
+body format."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+from rom_agent import __version__
+from rom_agent.agent.chat import ChatService, ChatTurn, ModelTurn, TurnFactory, TurnResult
+from rom_agent.config import Settings
+from rom_agent.flags import FlagStore
+from rom_agent.http import chat, health
+from rom_agent.http.errors import ApiError, error_body, error_response
+from rom_agent.http.middleware import RequestContextMiddleware
+from rom_agent.logs import get_logger
+from rom_agent.metrics import Metrics
+from rom_agent.providers.base import ChatRequest, Message, ModelRef, Provider, ToolSpec
+from rom_agent.resilience.clock import Clock, SystemClock
+from rom_agent.services import Services, parse_api_keys
+from rom_agent.store.conversations import SCHEMA, ConversationStore
+from rom_agent.store.database import Database
+
+log = get_logger("rom_agent.app")
+
+
+def build_providers(settings: Settings, chain: Sequence[ModelRef]) -> dict[str, Provider]:
+    """One provider object per provider named in the chain (they own pooled connections)."""
+    from rom_agent.providers.simulator import SimBehaviour, SimulatorProvider
+
+    providers: dict[str, Provider] = {}
+    for name in dict.fromkeys(ref.provider for ref in chain):
+        if name == "simulator":
+            latency = settings.simulator_latency_ms / 1000
+            providers[name] = SimulatorProvider(default=SimBehaviour(latency_s=latency))
+        else:
+            raise ValueError(f"MODEL_CHAIN: unknown provider {name!r}")
+    return providers
+
+
+def _direct_turns(services_ref: list[Services]) -> TurnFactory:
+    def factory(turn: ChatTurn) -> ModelTurn:
+        async def call(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> TurnResult:
+            services = services_ref[0]
+            ref = turn.chain[0]
+            provider = services.providers[ref.provider]
+            response = await provider.complete(
+                ChatRequest(model=ref.id, messages=messages, tools=tools)
+            )
+            return TurnResult(response, ref)
+
+        return call
+
+    return factory
+
+
+def env_keys() -> frozenset[str]:
+    """Which settings came from the environment (for `sources` in /admin/flags)."""
+    return frozenset(name for name in Settings.model_fields if name.upper() in os.environ)
+
+
+def create_services(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    providers: dict[str, Provider] | None = None,
+) -> Services:
+    clock = clock or SystemClock()
+    flags = FlagStore(settings, env_keys=env_keys())
+    chain = tuple(ModelRef.parse(entry) for entry in settings.model_chain)
+    metrics = Metrics(lambda: flags.current.enable_metrics, [ref.id for ref in chain])
+    database = Database(settings.database_path, schema=SCHEMA)
+    conversations = ConversationStore(database)
+    holder: list[Services] = []
+    chat_service = ChatService(
+        flags=flags, conversations=conversations, turn_factory=_direct_turns(holder)
+    )
+    services = Services(
+        settings=settings,
+        flags=flags,
+        metrics=metrics,
+        clock=clock,
+        database=database,
+        conversations=conversations,
+        providers=providers if providers is not None else build_providers(settings, chain),
+        chain=chain,
+        chat=chat_service,
+        api_key_digests=parse_api_keys(settings.api_keys),
+    )
+    holder.append(services)
+    return services
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
+        message = "route not found" if exc.status_code == 404 else str(exc.detail)
+        return Response(
+            error_body(exc.status_code, code, message),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+            media_type="application/json",
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(ApiError(400, "INVALID_REQUEST", "invalid request"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", error=type(exc).__name__)
+        return error_response(ApiError(500, "INTERNAL", "internal error"))
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
+    services = services or create_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        services.database.start()
+        _startup_warnings(settings)
+        log.info(
+            "started",
+            version=__version__,
+            models=[ref.qualified for ref in services.chain],
+            database=settings.database_path,
+        )
+        try:
+            yield
+        finally:
+            services.draining = True
+            for provider in services.providers.values():
+                await provider.aclose()
+            await services.database.close()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="ROM Agent",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.services = services
+    app.include_router(health.router)
+    app.include_router(chat.router)
+    _install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=services.metrics)
+    return app
+
+
+def _startup_warnings(settings: Settings) -> None:
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    if not settings.api_keys and not loopback:
+        log.warning("chat routes are open: API_KEYS is unset and HOST is not loopback")
+    if settings.enable_fault_injection:
+        log.warning(
+            "FAULT INJECTION IS ENABLED: FORCE_ERROR messages and X-Fault headers will make "
+            "requests fail on purpose. Never enable this in production."
+        )
