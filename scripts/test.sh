@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
-.venv/bin/ruff check src tests bench scripts
+.venv/bin/ruff check --quiet
 exec .venv/bin/python -m pytest "$@"
