@@ -50,6 +50,9 @@ class Services:
     providers: Mapping[str, Provider]
     chain: tuple[ModelRef, ...]
     chat: ChatService
+    # resilience.breaker.BreakerRegistry and resilience.bottleneck.Bottleneck (wired in app.py).
+    breakers: Any = None
+    bottleneck: Any = None
     api_key_digests: tuple[bytes, ...] = ()
     started_at: float = field(default_factory=time.monotonic)
     version: str = __version__
