@@ -98,7 +98,7 @@ def test_requested_model_goes_first(server, simulator) -> None:
         (b'{"mensagem": "x", "conversationId": 7}', "conversationId"),
         (b'{"mensagem": "x", "conversationId": ""}', "conversationId"),
         (b'{"mensagem": "x", "model": "gpt-17"}', "unknown model"),
-        (b'{"mensagem": "x", "model": ["rom-sim-1"]}', "unknown model"),
+        (b'{"mensagem": "x", "model": ["rom-sim-1"]}', "must be a string"),
     ],
 )
 def test_invalid_requests_are_400_in_the_spec_format(server, body: bytes, fragment: str) -> None:
@@ -176,7 +176,7 @@ def test_health_and_ready(server) -> None:
 
 
 def test_ready_is_503_while_draining(server) -> None:
-    server.services.draining = True
+    server.services.bottleneck.start_draining()
     with server.client() as client:
         response = client.get("/ready")
     assert response.status_code == 503

@@ -14,16 +14,25 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from rom_agent import __version__
-from rom_agent.agent.chat import ChatService, ChatTurn, ModelTurn, TurnFactory, TurnResult
-from rom_agent.config import Settings
+from rom_agent.agent.chat import ChatService
+from rom_agent.agent.loop import AgentLoop
+from rom_agent.agent.tools import ToolRegistry, default_registry
+from rom_agent.config import ConfigError, Settings
 from rom_agent.flags import FlagStore
-from rom_agent.http import chat, health
-from rom_agent.http.errors import ApiError, error_body, error_response
+from rom_agent.http import chat, health, openai_compat
+from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
 from rom_agent.http.middleware import RequestContextMiddleware
 from rom_agent.logs import get_logger
 from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ChatRequest, Message, ModelRef, Provider, ToolSpec
+from rom_agent.providers.base import ModelRef, Provider
+from rom_agent.providers.bedrock import BedrockProvider
+from rom_agent.providers.openai import OpenAIProvider
+from rom_agent.providers.simulator import SimBehaviour, SimulatorProvider
+from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck
+from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.clock import Clock, SystemClock
+from rom_agent.resilience.errors import PipelineError
+from rom_agent.resilience.pipeline import Pipeline
 from rom_agent.services import Services, parse_api_keys
 from rom_agent.store.conversations import SCHEMA, ConversationStore
 from rom_agent.store.database import Database
@@ -32,33 +41,21 @@ log = get_logger("rom_agent.app")
 
 
 def build_providers(settings: Settings, chain: Sequence[ModelRef]) -> dict[str, Provider]:
-    """One provider object per provider named in the chain (they own pooled connections)."""
-    from rom_agent.providers.simulator import SimBehaviour, SimulatorProvider
-
+    """One provider object per provider named in the chain (each owns a connection pool)."""
     providers: dict[str, Provider] = {}
     for name in dict.fromkeys(ref.provider for ref in chain):
         if name == "simulator":
             latency = settings.simulator_latency_ms / 1000
             providers[name] = SimulatorProvider(default=SimBehaviour(latency_s=latency))
+        elif name == "bedrock":
+            providers[name] = BedrockProvider.from_settings(settings)
+        elif name == "openai":
+            providers[name] = OpenAIProvider.from_settings(settings)
         else:
-            raise ValueError(f"MODEL_CHAIN: unknown provider {name!r}")
-    return providers
-
-
-def _direct_turns(services_ref: list[Services]) -> TurnFactory:
-    def factory(turn: ChatTurn) -> ModelTurn:
-        async def call(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> TurnResult:
-            services = services_ref[0]
-            ref = turn.chain[0]
-            provider = services.providers[ref.provider]
-            response = await provider.complete(
-                ChatRequest(model=ref.id, messages=messages, tools=tools)
+            raise ConfigError(
+                f"MODEL_CHAIN: unknown provider {name!r} (known: simulator, bedrock, openai)"
             )
-            return TurnResult(response, ref)
-
-        return call
-
-    return factory
+    return providers
 
 
 def env_keys() -> frozenset[str]:
@@ -71,37 +68,49 @@ def create_services(
     *,
     clock: Clock | None = None,
     providers: dict[str, Provider] | None = None,
+    tools: ToolRegistry | None = None,
 ) -> Services:
+    """Build every long-lived object. Nothing here touches the network or the event loop."""
     clock = clock or SystemClock()
     flags = FlagStore(settings, env_keys=env_keys())
     chain = tuple(ModelRef.parse(entry) for entry in settings.model_chain)
     metrics = Metrics(lambda: flags.current.enable_metrics, [ref.id for ref in chain])
+    if providers is None:
+        providers = build_providers(settings, chain)
+    breakers = BreakerRegistry(flags, clock, metrics)
+    bottleneck = Bottleneck(flags, clock, metrics)
+    metrics.breaker_source = breakers
+    metrics.admission_source = bottleneck
+    pipeline = Pipeline(flags, providers, breakers, metrics, clock)
+    tools = tools if tools is not None else default_registry(settings.kb_dir)
+    agent = AgentLoop(tools, flags, metrics, clock)
     database = Database(settings.database_path, schema=SCHEMA)
     conversations = ConversationStore(database)
-    holder: list[Services] = []
-    chat_service = ChatService(
-        flags=flags, conversations=conversations, turn_factory=_direct_turns(holder)
-    )
-    services = Services(
+    return Services(
         settings=settings,
         flags=flags,
         metrics=metrics,
         clock=clock,
         database=database,
         conversations=conversations,
-        providers=providers if providers is not None else build_providers(settings, chain),
-        chain=chain,
-        chat=chat_service,
+        providers=providers,
+        breakers=breakers,
+        bottleneck=bottleneck,
+        pipeline=pipeline,
+        tools=tools,
+        chat=ChatService(
+            flags=flags, conversations=conversations, pipeline=pipeline, agent=agent
+        ),
         api_key_digests=parse_api_keys(settings.api_keys),
     )
-    holder.append(services)
-    return services
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> Response:
-        return error_response(exc)
+    @app.exception_handler(AdmissionRejected)
+    @app.exception_handler(PipelineError)
+    async def known_error(_: Request, exc: Exception) -> Response:
+        return error_response(to_api_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
@@ -140,7 +149,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
         try:
             yield
         finally:
-            services.draining = True
+            services.bottleneck.start_draining()
             for provider in services.providers.values():
                 await provider.aclose()
             await services.database.close()
@@ -157,6 +166,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.state.services = services
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(openai_compat.router)
     _install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -9,15 +9,12 @@ from collections.abc import Sequence
 from rom_agent import __version__
 from rom_agent.config import ConfigError, load_settings
 from rom_agent.logs import configure_logging
-
-# Running requests get this long to finish after SIGTERM before the process exits.
-SHUTDOWN_GRACE_S = 30
+from rom_agent.ops import flags_cli
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from rom_agent.app import create_app
+    from rom_agent.app import create_services
+    from rom_agent.server import run
 
     overrides = {}
     if args.host:
@@ -26,22 +23,12 @@ def serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     try:
         settings = load_settings(**overrides)
-    except ConfigError as exc:
+        configure_logging(settings.log_level, settings.log_format)
+        services = create_services(settings)
+    except (ConfigError, ValueError) as exc:
         print(f"rom-agent: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-        server_header=False,
-    )
+    run(settings, services)
     return 0
 
 
@@ -54,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, help="listen port (default: PORT or 8000)")
     serve_cmd.set_defaults(handler=serve)
+
+    flags_cli.register(commands)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The composition root: every long-lived object of one running service, built once.
+"""The composition root's product: every long-lived object of one running service.
 
 Routes reach these through `request.app.state.services`; nothing else is global, so tests can
 run several services side by side.
@@ -11,15 +11,18 @@ import hmac
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from rom_agent import __version__
 from rom_agent.agent.chat import ChatService
+from rom_agent.agent.tools import ToolRegistry
 from rom_agent.config import Settings
 from rom_agent.flags import FlagStore
 from rom_agent.metrics import Metrics
 from rom_agent.providers.base import ModelRef, Provider
+from rom_agent.resilience.bottleneck import Bottleneck
+from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.clock import Clock
+from rom_agent.resilience.pipeline import Pipeline
 from rom_agent.store.conversations import ConversationStore
 from rom_agent.store.database import Database
 
@@ -29,52 +32,41 @@ def key_digest(key: str) -> bytes:
 
 
 def parse_api_keys(entries: tuple[str, ...]) -> tuple[bytes, ...]:
-    """API_KEYS entries are plain keys or `sha256:<hex>`; we keep only digests in memory."""
-    digests = []
-    for entry in entries:
-        if entry.startswith("sha256:"):
-            digests.append(bytes.fromhex(entry.removeprefix("sha256:")))
-        else:
-            digests.append(key_digest(entry))
-    return tuple(digests)
+    """API_KEYS entries are plain keys or `sha256:<hex>`; only digests are kept in memory."""
+    return tuple(
+        bytes.fromhex(entry.removeprefix("sha256:"))
+        if entry.startswith("sha256:")
+        else key_digest(entry)
+        for entry in entries
+    )
 
 
 @dataclass
 class Services:
-    settings: Settings
+    settings: Settings  # as started; live values are in `flags.current`
     flags: FlagStore
     metrics: Metrics
     clock: Clock
     database: Database
     conversations: ConversationStore
     providers: Mapping[str, Provider]
-    chain: tuple[ModelRef, ...]
+    breakers: BreakerRegistry
+    bottleneck: Bottleneck
+    pipeline: Pipeline
+    tools: ToolRegistry
     chat: ChatService
-    # resilience.breaker.BreakerRegistry and resilience.bottleneck.Bottleneck (wired in app.py).
-    breakers: Any = None
-    bottleneck: Any = None
     api_key_digests: tuple[bytes, ...] = ()
     started_at: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
     version: str = __version__
-    draining: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def models(self) -> dict[str, ModelRef]:
-        return {ref.id: ref for ref in self.chain}
+    def chain(self) -> tuple[ModelRef, ...]:
+        return self.pipeline.chain
 
-    def resolve_model(self, name: str) -> ModelRef | None:
-        """A chain model by id (`rom-sim-1`) or qualified name (`simulator/rom-sim-1`)."""
-        for ref in self.chain:
-            if name == ref.id or name == ref.qualified:
-                return ref
-        return None
-
-    def chain_for(self, first: ModelRef | None) -> tuple[ModelRef, ...]:
-        """The fallback chain for a request: the requested model first, then the others."""
-        if first is None or first == self.chain[0]:
-            return self.chain
-        return (first, *(ref for ref in self.chain if ref != first))
+    @property
+    def draining(self) -> bool:
+        return self.bottleneck.draining
 
     def api_key_valid(self, key: str) -> bool:
         if not key:
@@ -84,6 +76,3 @@ class Services:
         for digest in self.api_key_digests:  # no early exit: time does not depend on position
             valid |= hmac.compare_digest(presented, digest)
         return valid
-
-    def fault_plan(self, text: str, header: str | None) -> Any:
-        return None

@@ -44,14 +44,12 @@ async def ready(request: Request) -> Response:
     except Exception as exc:  # any failure of the store makes us unready
         checks["database"] = {"ok": False, "error": type(exc).__name__}
         status = "degraded"
-    breakers = services.extras.get("breakers")
-    if breakers is not None:
-        states = dict(breakers.states())
-        checks["breakers"] = states
-        if states and all(state == "OPEN" for state in states.values()):
-            # Still ready: every replica would see the same upstream outage, and answering
-            # 503 CIRCUIT_OPEN fast is better than being taken out of the load balancer.
-            checks["allModelsOpen"] = True
+    states = dict(services.breakers.states())
+    checks["breakers"] = states
+    if services.breakers.enabled and all(state == "OPEN" for state in states.values()):
+        # Still ready: every replica would see the same upstream outage, and answering
+        # 503 CIRCUIT_OPEN fast is better than being taken out of the load balancer.
+        checks["allModelsOpen"] = True
     if services.draining:
         status = "draining"
     checks["draining"] = services.draining

@@ -1,0 +1,138 @@
+"""Overhead of the resilience pipeline per model call, with an instant in-memory provider.
+
+    .venv/bin/python bench/pipeline_overhead.py [--calls 20000] [--rounds 7]
+
+Prints µs per `Pipeline.complete()` (and per streamed call) with every protection on versus
+every protection off, next to the bare provider call, as the median of several rounds. The
+provider answers without awaiting anything, so the figures are the pipeline's own cost:
+breaker permit, retry-budget bookkeeping, the attempt timeout, metrics and the fallback walk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from rom_agent.config import load_settings
+from rom_agent.flags import FlagStore
+from rom_agent.metrics import Metrics
+from rom_agent.providers.base import (
+    ChatRequest,
+    ChatResponse,
+    Message,
+    StopEvent,
+    StreamEvent,
+    TextBlock,
+    TextDelta,
+    Usage,
+    UsageEvent,
+)
+from rom_agent.resilience.breaker import BreakerRegistry
+from rom_agent.resilience.clock import SystemClock
+from rom_agent.resilience.pipeline import ModelCall, Pipeline
+
+MODELS = ("rom-sim-1", "rom-sim-2")
+ALL_ON = {
+    "enable_retry": True,
+    "enable_circuit_breaker": True,
+    "enable_metrics": True,
+    "enable_fault_injection": True,
+}
+ALL_OFF = dict.fromkeys(ALL_ON, False)
+
+
+class InstantProvider:
+    name = "simulator"
+
+    def __init__(self) -> None:
+        self._usage = Usage(12, 34)
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        return ChatResponse(request.model, (TextBlock("ok"),), "end_turn", self._usage)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        yield TextDelta("o")
+        yield TextDelta("k")
+        yield UsageEvent(self._usage)
+        yield StopEvent("end_turn")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def build(flags: dict[str, bool]) -> tuple[Pipeline, ModelCall]:
+    store = FlagStore(load_settings(_env_file=None, **flags))
+    clock = SystemClock(seed=1)
+    metrics = Metrics(lambda: store.current.enable_metrics, MODELS)
+    breakers = BreakerRegistry(store, clock, metrics)
+    metrics.breaker_source = breakers
+    pipeline = Pipeline(store, {"simulator": InstantProvider()}, breakers, metrics, clock)
+    call = ModelCall(
+        messages=(Message.text("user", "hello"),),
+        chain=pipeline.chain,
+        deadline=clock.now() + 10**9,  # a deadline that never binds, as REQUEST_TIMEOUT_S
+    )
+    return pipeline, call
+
+
+async def per_call_us(fn: Callable[[], Awaitable[object]], calls: int, rounds: int) -> float:
+    for _ in range(min(calls, 2000)):  # warm up label caches and the allocator
+        await fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            await fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+async def main(calls: int, rounds: int) -> None:
+    provider = InstantProvider()
+    request = ChatRequest("rom-sim-1", (Message.text("user", "hello"),))
+
+    async def bare() -> object:
+        return await provider.complete(request)
+
+    async def bare_stream() -> object:
+        return [event async for event in provider.stream(request)]
+
+    rows = [
+        (
+            "provider alone",
+            await per_call_us(bare, calls, rounds),
+            await per_call_us(bare_stream, calls, rounds),
+        )
+    ]
+    for label, flags in (("pipeline, all flags off", ALL_OFF), ("pipeline, all flags on", ALL_ON)):
+        pipeline, call = build(flags)
+
+        async def complete(pipeline: Pipeline = pipeline, call: ModelCall = call) -> object:
+            return await pipeline.complete(call)
+
+        async def stream(pipeline: Pipeline = pipeline, call: ModelCall = call) -> object:
+            return [item async for item in pipeline.stream(call)]
+
+        rows.append(
+            (
+                label,
+                await per_call_us(complete, calls, rounds),
+                await per_call_us(stream, calls, rounds),
+            )
+        )
+
+    print(f"{calls} calls x {rounds} rounds, median µs per call")
+    print(f"{'':26} {'complete()':>12} {'stream()':>12}")
+    for label, complete_us, stream_us in rows:
+        print(f"{label:26} {complete_us:12.1f} {stream_us:12.1f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    asyncio.run(main(args.calls, args.rounds))
