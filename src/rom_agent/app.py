@@ -99,7 +99,7 @@ def create_services(
         pipeline=pipeline,
         tools=tools,
         chat=ChatService(
-            flags=flags, conversations=conversations, pipeline=pipeline, agent=agent
+            flags=flags, conversations=conversations, pipeline=pipeline, agent=agent, clock=clock
         ),
         api_key_digests=parse_api_keys(settings.api_keys),
     )

@@ -207,6 +207,8 @@ class Metrics:
         self.fallback_exhausted.labels(op)
         for reason in ("queue_full", "queue_timeout", "draining"):
             self.bottleneck_rejected.labels(op, reason)
+        for reason in ("soft_limit", "hard_limit", "repetition"):
+            self.guardrails_triggered.labels(reason)
 
     # ------------------------------------------------------------------ exposition
 

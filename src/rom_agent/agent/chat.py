@@ -9,6 +9,7 @@ leaves no trace in the history (a half answer would mislead the next turn).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
+from rom_agent.resilience.clock import Clock
+from rom_agent.resilience.errors import DeadlineExceededError
 from rom_agent.resilience.faults import FaultPlan
 from rom_agent.resilience.pipeline import ModelCall, Pipeline, PipelineResult, StreamStart
 from rom_agent.store.conversations import ConversationStore
@@ -81,9 +84,7 @@ def usage_dict(usage: Usage) -> dict[str, int]:
     }
 
 
-async def collect_stream(
-    pipeline: Pipeline, call: ModelCall, on_text: OnText
-) -> PipelineResult:
+async def collect_stream(pipeline: Pipeline, call: ModelCall, on_text: OnText) -> PipelineResult:
     """One streamed model turn: text goes to `on_text` as it arrives; the whole turn comes
     back as a `PipelineResult`, so the agent loop treats streamed and plain turns alike."""
     start: StreamStart | None = None
@@ -104,8 +105,8 @@ async def collect_stream(
         elif isinstance(item, StreamStart):
             start = item
     assert start is not None, "a committed stream always starts with StreamStart"
-    content: tuple[ContentBlock, ...] = (
-        ((TextBlock("".join(texts)),) if texts else ()) + tuple(tool_uses)
+    content: tuple[ContentBlock, ...] = ((TextBlock("".join(texts)),) if texts else ()) + tuple(
+        tool_uses
     )
     response = ChatResponse(start.model.id, content, stop_reason, usage)
     return PipelineResult(response, start.model, start.fallback_used, start.attempts, [])
@@ -119,7 +120,9 @@ class ChatService:
         conversations: ConversationStore,
         pipeline: Pipeline,
         agent: AgentLoop,
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._flags = flags
         self._conversations = conversations
         self._pipeline = pipeline
@@ -153,7 +156,15 @@ class ChatService:
             attempts += result.attempts
             return result
 
-        result: AgentResult[PipelineResult] = await self._agent.run([*history, user], call_model)
+        # The deadline covers the whole run, tool time included; the pipeline enforces it
+        # between and within model calls, this bounds everything else.
+        try:
+            async with asyncio.timeout(max(0.0, turn.deadline - self._clock.now())):
+                result: AgentResult[PipelineResult] = await self._agent.run(
+                    [*history, user], call_model
+                )
+        except TimeoutError:
+            raise DeadlineExceededError() from None
         last = result.last_turn
         await self._conversations.append(
             turn.conversation_id, [user, *result.new_messages], model=last.model.id

@@ -178,7 +178,9 @@ class AgentLoop:
 
 
 def _log_finished(result: AgentResult[Any]) -> None:
-    _log.info(
+    # A plain answer is already in the access log; only runs that used tools say more.
+    notable = bool(result.tools_used) or result.stop_reason != "answered"
+    (_log.info if notable else _log.debug)(
         "agent_run_finished",
         turns=result.turns,
         tool_calls=len(result.tools_used),
