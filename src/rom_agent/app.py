@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from rom_agent import __version__
 from rom_agent.agent.chat import ChatService
@@ -21,6 +22,7 @@ from rom_agent.config import ConfigError, Settings
 from rom_agent.flags import FlagStore
 from rom_agent.http import chat, health, openai_compat
 from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
+from rom_agent.http.fastlane import FastLane, FastRoute
 from rom_agent.http.middleware import RequestContextMiddleware
 from rom_agent.logs import get_logger
 from rom_agent.metrics import Metrics
@@ -133,7 +135,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, "INTERNAL", "internal error"))
 
 
-def create_app(settings: Settings, *, services: Services | None = None) -> FastAPI:
+def create_app(settings: Settings, *, services: Services | None = None) -> ASGIApp:
+    """The service as one ASGI app: request context outermost, then the chat routes' fast
+    lane, then FastAPI for everything else (and the lifespan)."""
     services = services or create_services(settings)
 
     @asynccontextmanager
@@ -168,15 +172,24 @@ def create_app(settings: Settings, *, services: Services | None = None) -> FastA
     app.include_router(chat.router)
     app.include_router(openai_compat.router)
     _install_error_handlers(app)
+
+    asgi: ASGIApp = FastLane(
+        app,
+        [
+            ("POST", FastRoute("/api/chat", chat.chat)),
+            ("POST", FastRoute("/api/chat/stream", chat.chat_stream)),
+            ("POST", FastRoute("/v1/chat/completions", openai_compat.chat_completions, True)),
+            ("GET", FastRoute("/v1/models", openai_compat.list_models, True)),
+        ],
+    )
     if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        asgi = CORSMiddleware(
+            asgi,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
         )
-    app.add_middleware(RequestContextMiddleware, metrics=services.metrics)
-    return app
+    return RequestContextMiddleware(asgi, metrics=services.metrics)
 
 
 def _startup_warnings(settings: Settings) -> None:

@@ -38,7 +38,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     # Third-party stdlib loggers (uvicorn's errors, asyncio) go to stderr at the same level.
     logging.basicConfig(

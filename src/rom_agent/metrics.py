@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -88,6 +88,7 @@ class _LiveStateCollector(Collector):
 class Metrics:
     def __init__(self, enabled: Callable[[], bool], models: Sequence[str]) -> None:
         self._enabled = enabled
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.breaker_source: BreakerStates | None = None
         self.admission_source: AdmissionGauges | None = None
@@ -210,6 +211,16 @@ class Metrics:
         for reason in ("soft_limit", "hard_limit", "repetition"):
             self.guardrails_triggered.labels(reason)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: label sets are bounded (model ids from the
+        config, route templates, reasons), and `labels()` takes a lock and builds keys on
+        every call of the hot path."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # ------------------------------------------------------------------ exposition
 
     @property
@@ -226,31 +237,31 @@ class Metrics:
         if not self._enabled():
             return
         if outcome == "success":
-            self.breaker_success.labels(OPERATION, model).inc()
+            self._child(self.breaker_success, OPERATION, model).inc()
         elif outcome == "failure":
-            self.breaker_failure.labels(OPERATION, model).inc()
+            self._child(self.breaker_failure, OPERATION, model).inc()
         else:
-            self.breaker_rejected.labels(OPERATION, model).inc()
+            self._child(self.breaker_rejected, OPERATION, model).inc()
 
     def breaker_transition(self, model: str, old: str, new: str) -> None:
         if self._enabled():
-            self.breaker_transitions.labels(OPERATION, model, old, new).inc()
+            self._child(self.breaker_transitions, OPERATION, model, old, new).inc()
 
     def fallback_attempted(self, model: str) -> None:
         if self._enabled():
-            self.fallback_attempt.labels(OPERATION, model).inc()
+            self._child(self.fallback_attempt, OPERATION, model).inc()
 
     def fallback_moved(self, old: str, new: str, reason: str) -> None:
         if self._enabled():
-            self.fallback.labels(OPERATION, old, new, reason).inc()
+            self._child(self.fallback, OPERATION, old, new, reason).inc()
 
     def fallback_succeeded(self, model: str) -> None:
         if self._enabled():
-            self.fallback_success.labels(OPERATION, model).inc()
+            self._child(self.fallback_success, OPERATION, model).inc()
 
     def fallback_chain_exhausted(self) -> None:
         if self._enabled():
-            self.fallback_exhausted.labels(OPERATION).inc()
+            self._child(self.fallback_exhausted, OPERATION).inc()
 
     def admission_admitted(self, waited_s: float, queued: bool) -> None:
         if not self._enabled():
@@ -262,32 +273,32 @@ class Metrics:
 
     def admission_rejected(self, reason: str) -> None:
         if self._enabled():
-            self.bottleneck_rejected.labels(OPERATION, reason).inc()
+            self._child(self.bottleneck_rejected, OPERATION, reason).inc()
 
     def retry_made(self, model: str, reason: str) -> None:
         if self._enabled():
-            self.retry_attempts.labels(model, reason).inc()
+            self._child(self.retry_attempts, model, reason).inc()
 
     def retry_refused_by_budget(self, model: str) -> None:
         if self._enabled():
-            self.retry_budget_exhausted.labels(model).inc()
+            self._child(self.retry_budget_exhausted, model).inc()
 
     def guardrail_triggered(self, reason: str) -> None:
         if self._enabled():
-            self.guardrails_triggered.labels(reason).inc()
+            self._child(self.guardrails_triggered, reason).inc()
 
     def llm_attempt(self, model: str, outcome: str, seconds: float) -> None:
         if self._enabled():
-            self.llm_duration.labels(model, outcome).observe(seconds)
+            self._child(self.llm_duration, model, outcome).observe(seconds)
 
     def tokens_used(self, model: str, input_tokens: int, output_tokens: int) -> None:
         if not self._enabled():
             return
-        self.llm_tokens.labels(model, "input").inc(input_tokens)
-        self.llm_tokens.labels(model, "output").inc(output_tokens)
+        self._child(self.llm_tokens, model, "input").inc(input_tokens)
+        self._child(self.llm_tokens, model, "output").inc(output_tokens)
 
     def http_request(self, route: str, status: int, seconds: float) -> None:
         if not self._enabled():
             return
-        self.http_requests.labels(route, str(status)).inc()
-        self.http_duration.labels(route).observe(seconds)
+        self._child(self.http_requests, route, str(status)).inc()
+        self._child(self.http_duration, route).observe(seconds)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from rom_agent.config import Settings
@@ -166,7 +166,6 @@ class CircuitBreaker:
         now = self._clock.now()
         settings = self._flags.current
         state = self._refresh(now, settings)
-        totals = self._totals
         return {
             "model": self.model,
             "state": state.value,
@@ -177,13 +176,7 @@ class CircuitBreaker:
             "sinceChangeS": round(now - self._changed_at, 3),
             "retryAfterS": round(self.retry_after_s(), 3),
             "halfOpenInFlight": len(self._probes),
-            "totals": {
-                "success": totals.success,
-                "failure": totals.failure,
-                "rejected": totals.rejected,
-                "ignored": totals.ignored,
-                "transitions": totals.transitions,
-            },
+            "totals": asdict(self._totals),
         }
 
     # ------------------------------------------------------------------ admission

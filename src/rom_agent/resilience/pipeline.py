@@ -13,7 +13,10 @@ deadline rather than by ATTEMPT_TIMEOUT_S is not the model's fault and is not co
 Streaming has one commit point: the first content event. Before it, failures — a first-token
 timeout included — are retried and rerouted invisibly. `stream()` then yields `StreamStart`
 followed by the winning upstream's events; after the commit nothing is retried: a stall, an
-upstream error or a missing terminator raises `StreamInterruptedError`.
+upstream error or a missing terminator raises `StreamInterruptedError`. Time limits of a
+stream: until the first token min(FIRST_TOKEN_TIMEOUT_S, ATTEMPT_TIMEOUT_S, time left); after
+it, each gap between events min(STREAM_IDLE_TIMEOUT_S, time left) — a long answer that keeps
+flowing is not cut by ATTEMPT_TIMEOUT_S, only by the request deadline.
 
 Timeouts: production uses `asyncio.timeout` (one timer handle, no task). Any other clock (a
 `FakeClock` in tests) gets the same `asyncio.Timeout` machinery fired by a watcher task that
@@ -219,6 +222,9 @@ async def _aclose(upstream: AsyncIterator[StreamEvent]) -> None:
 
 
 class Pipeline:
+    """Runs model turns through every protection. One per process; all state lives in the
+    breaker registry and the retry budgets, so concurrent requests share them."""
+
     def __init__(
         self,
         flags: FlagStore,
