@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rom_agent import __version__
 from rom_agent.agent.chat import ChatService
@@ -135,9 +135,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, "INTERNAL", "internal error"))
 
 
-def create_app(settings: Settings, *, services: Services | None = None) -> ASGIApp:
-    """The service as one ASGI app: request context outermost, then the chat routes' fast
-    lane, then FastAPI for everything else (and the lifespan)."""
+class ServiceApp(FastAPI):
+    """FastAPI, entered through the request context and the chat routes' fast lane.
+
+    Requests go: request context (id, access log, metrics) → CORS → fast lane for the chat
+    routes → FastAPI for everything else (admin, health, the lifespan).
+    """
+
+    _entry: ASGIApp | None = None
+
+    def set_entry(self, entry: ASGIApp) -> None:
+        self._entry = entry
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self  # as Starlette does: `request.app.state` works in the fast lane
+        await (self._entry or self.framework)(scope, receive, send)
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> ServiceApp:
     services = services or create_services(settings)
 
     @asynccontextmanager
@@ -159,7 +177,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> ASGIA
             await services.database.close()
             log.info("stopped")
 
-    app = FastAPI(
+    app = ServiceApp(
         title="ROM Agent",
         version=__version__,
         lifespan=lifespan,
@@ -174,7 +192,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> ASGIA
     _install_error_handlers(app)
 
     asgi: ASGIApp = FastLane(
-        app,
+        app.framework,
         [
             ("POST", FastRoute("/api/chat", chat.chat)),
             ("POST", FastRoute("/api/chat/stream", chat.chat_stream)),
@@ -189,7 +207,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> ASGIA
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
         )
-    return RequestContextMiddleware(asgi, metrics=services.metrics)
+    app.set_entry(RequestContextMiddleware(asgi, metrics=services.metrics))
+    return app
 
 
 def _startup_warnings(settings: Settings) -> None:

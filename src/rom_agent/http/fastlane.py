@@ -45,7 +45,6 @@ class FastLane:
             await self.app(scope, receive, send)
             return
         scope["route"] = route
-        scope["app"] = self.app  # `request.app.state` keeps working in the endpoints
         request = Request(scope, receive, send)
         try:
             response = await route.endpoint(request)
