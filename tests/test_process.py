@@ -5,10 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 
+from tests.gates import wait_until
 from tests.server import ServiceProcess
 
 # uvicorn re-raises the captured SIGTERM after its graceful shutdown.
@@ -76,3 +78,34 @@ def test_startup_time_is_reported(tmp_path: Path) -> None:
         print(f"\nserve -> first 200 on /health: {service.started_in_s:.2f} s")
     finally:
         service.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path) -> None:
+    env = env_for(tmp_path, SIMULATOR_LATENCY_MS="1500", ENABLE_BOTTLENECK="true")
+    service = ServiceProcess(env, tmp_path).start()
+    results: list[httpx.Response] = []
+
+    def slow_request() -> None:
+        results.append(httpx.post(service.url + "/api/chat", json={"message": "slow"}, timeout=30))
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    wait_until(lambda: "bottleneck_running 1.0" in httpx.get(service.url + "/metrics").text)
+    assert service.process is not None
+    service.process.send_signal(signal.SIGTERM)
+    # While draining: not ready, and new chat requests are turned away.
+    wait_until(lambda: httpx.get(service.url + "/ready").status_code == 503)
+    assert httpx.get(service.url + "/ready").json()["status"] == "draining"
+    refused = httpx.post(service.url + "/api/chat", json={"message": "late"})
+    assert refused.status_code == 503 and refused.json()["code"] == "DRAINING"
+    thread.join(timeout=30)
+    assert [r.status_code for r in results] == [200]
+    assert service.process.wait(timeout=30) in GRACEFUL_EXIT
+    # The answered turn is on disk.
+    again = ServiceProcess(env_for(tmp_path), tmp_path).start()
+    try:
+        conversation = results[0].json()["conversationId"]
+        stored = httpx.get(again.url + f"/api/conversations/{conversation}").json()
+        assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
+    finally:
+        again.stop()

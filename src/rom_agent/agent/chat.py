@@ -10,6 +10,7 @@ leaves no trace in the history (a half answer would mislead the next turn).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,18 +93,21 @@ async def collect_stream(pipeline: Pipeline, call: ModelCall, on_text: OnText) -
     tool_uses: list[ContentBlock] = []
     usage = Usage()
     stop_reason = "end_turn"
-    async for item in pipeline.stream(call):
-        if isinstance(item, TextDelta):
-            texts.append(item.text)
-            await on_text(item.text)
-        elif isinstance(item, ToolUseEvent):
-            tool_uses.append(item.tool_use)
-        elif isinstance(item, UsageEvent):
-            usage = item.usage
-        elif isinstance(item, StopEvent):
-            stop_reason = item.stop_reason
-        elif isinstance(item, StreamStart):
-            start = item
+    # aclosing: if `on_text` raises (client gone), the upstream call and the breaker permit
+    # are released now, not whenever the generator is garbage-collected.
+    async with contextlib.aclosing(pipeline.stream(call)) as items:
+        async for item in items:
+            if isinstance(item, TextDelta):
+                texts.append(item.text)
+                await on_text(item.text)
+            elif isinstance(item, ToolUseEvent):
+                tool_uses.append(item.tool_use)
+            elif isinstance(item, UsageEvent):
+                usage += item.usage  # usage events are increments
+            elif isinstance(item, StopEvent):
+                stop_reason = item.stop_reason
+            elif isinstance(item, StreamStart):
+                start = item
     assert start is not None, "a committed stream always starts with StreamStart"
     content: tuple[ContentBlock, ...] = ((TextBlock("".join(texts)),) if texts else ()) + tuple(
         tool_uses
