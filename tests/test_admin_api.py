@@ -5,24 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import pytest
 import structlog
-from fastapi import FastAPI
 
-import tests.server
-from rom_agent.app import create_app, create_services
+from rom_agent.app import create_services
 from rom_agent.config import Settings
-from rom_agent.flags import RUNTIME_KEYS, STATIC_KEYS, load_persisted_overrides
+from rom_agent.flags import RUNTIME_KEYS, STATIC_KEYS
 from rom_agent.http import admin
 from rom_agent.services import Services
-from rom_agent.store.flags import SCHEMA, FlagRepository
 from tests.server import RunningApp, isolated_settings, running_app
 
 # Generated per run: no token value is ever written into the repository.
@@ -79,37 +74,10 @@ def admin_services(settings: Settings) -> Services:
     return services
 
 
-def _with_admin_wiring(settings: Settings, *, services: Services) -> FastAPI:
-    """create_app plus the admin wiring, until app.py has it (then this adds nothing).
-
-    The wiring is what app.py gets: the flag tables in the schema, the restore of persisted
-    overrides at startup, and the admin router.
-    """
-    app = create_app(settings, services=services)
-    if any(getattr(route, "path", "").startswith("/admin/") for route in app.routes):
-        return app
-    app.include_router(admin.router)
-    original = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
-        async with original(app_):
-            statements = [s for s in SCHEMA.split(";") if s.strip()]
-            await services.database.write(lambda c: [c.execute(s) for s in statements])
-            await load_persisted_overrides(services.flags, FlagRepository(services.database))
-            yield
-
-    app.router.lifespan_context = lifespan
-    return app
-
-
 @contextlib.contextmanager
 def admin_server(settings: Settings, services: Services | None = None) -> Iterator[RunningApp]:
     services = services or admin_services(settings)
-    with (
-        mock.patch.object(tests.server, "create_app", _with_admin_wiring),
-        running_app(settings, services) as running,
-    ):
+    with running_app(settings, services) as running:
         yield running
 
 

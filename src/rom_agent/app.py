@@ -19,8 +19,8 @@ from rom_agent.agent.chat import ChatService
 from rom_agent.agent.loop import AgentLoop
 from rom_agent.agent.tools import ToolRegistry, default_registry
 from rom_agent.config import ConfigError, Settings
-from rom_agent.flags import FlagStore
-from rom_agent.http import chat, health, openai_compat
+from rom_agent.flags import FlagStore, load_persisted_overrides
+from rom_agent.http import admin, chat, health, openai_compat
 from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
 from rom_agent.http.fastlane import FastLane, FastRoute
 from rom_agent.http.middleware import RequestContextMiddleware
@@ -38,6 +38,8 @@ from rom_agent.resilience.pipeline import Pipeline
 from rom_agent.services import Services, parse_api_keys
 from rom_agent.store.conversations import SCHEMA, ConversationStore
 from rom_agent.store.database import Database
+from rom_agent.store.flags import SCHEMA as FLAGS_SCHEMA
+from rom_agent.store.flags import FlagRepository
 
 log = get_logger("rom_agent.app")
 
@@ -86,7 +88,7 @@ def create_services(
     pipeline = Pipeline(flags, providers, breakers, metrics, clock)
     tools = tools if tools is not None else default_registry(settings.kb_dir)
     agent = AgentLoop(tools, flags, metrics, clock)
-    database = Database(settings.database_path, schema=SCHEMA)
+    database = Database(settings.database_path, schema=SCHEMA + FLAGS_SCHEMA)
     conversations = ConversationStore(database)
     return Services(
         settings=settings,
@@ -161,6 +163,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         services.database.start()
+        await load_persisted_overrides(services.flags, FlagRepository(services.database))
         _startup_warnings(settings)
         log.info(
             "started",
@@ -189,6 +192,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(openai_compat.router)
+    app.include_router(admin.router)
     _install_error_handlers(app)
 
     asgi: ASGIApp = FastLane(
@@ -212,6 +216,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
 
 
 def _startup_warnings(settings: Settings) -> None:
+    admin.warn_about_admin_token(settings)
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")
     if not settings.api_keys and not loopback:
         log.warning("chat routes are open: API_KEYS is unset and HOST is not loopback")

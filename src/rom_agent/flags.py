@@ -55,7 +55,6 @@ RUNTIME_KEYS: tuple[str, ...] = (
     "max_agent_turns",
     "max_message_chars",
     "max_body_bytes",
-    "log_level",
 )
 
 # Shown read-only by GET /admin/flags next to the runtime keys.
@@ -69,6 +68,7 @@ STATIC_KEYS: tuple[str, ...] = (
     "database_url",
     "kb_dir",
     "cors_origins",
+    "log_level",  # loggers are built once at startup (cached for speed)
     "log_format",
 )
 
