@@ -7,8 +7,13 @@ truncate a response. The protocol modules (`bedrock_server`, `openai_server`) on
 A behaviour is chosen per request, first match wins:
 1. the `X-Fake-Behaviour` request header (JSON object of `Behaviour` fields), so a fake run as
    a process can be driven remotely;
-2. the next entry of the script queue (`fake.script([...])` or `POST /_fake/script`);
-3. `fake.default`.
+2. the next entry of the request's model's script queue (`fake.script([...], model="m")`);
+3. the next entry of the script queue (`fake.script([...])` or `POST /_fake/script`);
+4. the model's default (`fake.model_defaults["m"]`);
+5. `fake.default`.
+
+The model is the request's `model` field (OpenAI) or the `{model_id}` of the path (Bedrock), so
+two models of a chain can share one fake and still be scripted, and counted, separately.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: bytes
     json: Any
+    model: str | None = None  # the model the request named (see `FakeUpstream.model_of`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,23 +138,38 @@ class FakeUpstream:
         self.request_count = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.cancelled = 0  # handlers cancelled because the client went away
+        self.model_defaults: dict[str, Behaviour] = {}
         self.port: int | None = None
         self._queue: deque[Behaviour] = deque()
+        self._model_queues: dict[str, deque[Behaviour]] = {}
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ test API
 
-    def script(self, behaviours: Behaviour | Iterable[Behaviour]) -> None:
-        """Queue behaviours for the next requests, in order (after that: `default`)."""
+    def script(
+        self, behaviours: Behaviour | Iterable[Behaviour], *, model: str | None = None
+    ) -> None:
+        """Queue behaviours for the next requests, in order (after that: `default`). With
+        `model`, only for the requests naming that model."""
         if isinstance(behaviours, Behaviour):
             behaviours = (behaviours,)
-        self._queue.extend(behaviours)
+        if model is None:
+            self._queue.extend(behaviours)
+        else:
+            self._model_queues.setdefault(model, deque()).extend(behaviours)
+
+    def requests_for(self, model: str) -> list[RecordedRequest]:
+        """The recorded requests that named `model`."""
+        return [r for r in self.requests if r.model == model]
 
     def reset(self) -> None:
         """Forget recorded requests, counters and queued behaviours."""
         self.requests.clear()
         self._queue.clear()
+        self._model_queues.clear()
         self.request_count = 0
+        self.cancelled = 0
         self.max_in_flight = self.in_flight
 
     @property
@@ -209,6 +230,14 @@ class FakeUpstream:
     def stream_error_item(self, behaviour: Behaviour) -> bytes:
         raise NotImplementedError
 
+    def model_of(self, request: web.Request, payload: Any) -> str | None:
+        """The model a request names: the path's `{model_id}`, else the body's `model`."""
+        model = request.match_info.get("model_id")
+        if model is None and isinstance(payload, dict):
+            value = payload.get("model")
+            model = value if isinstance(value, str) else None
+        return model
+
     # ------------------------------------------------------------------ shared handling
 
     def handler(self, answer: Answer) -> Handler:
@@ -217,6 +246,7 @@ class FakeUpstream:
         async def handle(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             payload = orjson.loads(body) if body else None
+            model = self.model_of(request, payload)
             self.request_count += 1
             if self.record:
                 self.requests.append(
@@ -227,10 +257,11 @@ class FakeUpstream:
                         dict(request.headers),
                         body,
                         payload,
+                        model,
                     )
                 )
             try:
-                behaviour = self._pick(request)
+                behaviour = self._pick(request, model)
             except (ValueError, TypeError) as exc:  # a bad X-Fake-Behaviour directive
                 return web.json_response({"error": f"bad behaviour: {exc}"}, status=400)
             self.in_flight += 1
@@ -240,17 +271,26 @@ class FakeUpstream:
                 if delay:
                     await asyncio.sleep(delay)
                 return await answer(request, behaviour, payload)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
             finally:
                 self.in_flight -= 1
 
         return handle
 
-    def _pick(self, request: web.Request) -> Behaviour:
+    def _pick(self, request: web.Request, model: str | None = None) -> Behaviour:
         directive = request.headers.get(BEHAVIOUR_HEADER)
         if directive:
             return Behaviour.from_json(orjson.loads(directive))
+        if model is not None:
+            queue = self._model_queues.get(model)
+            if queue:
+                return queue.popleft()
         if self._queue:
             return self._queue.popleft()
+        if model is not None and model in self.model_defaults:
+            return self.model_defaults[model]
         return self.default
 
     async def send_body(

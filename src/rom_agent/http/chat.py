@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from rom_agent.agent.chat import ChatTurn
 from rom_agent.http.admission import admit
@@ -153,23 +154,47 @@ async def chat(request: Request) -> Response:
     return json_response(outcome.to_dict())
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class PermitStream(StreamingResponse):
+    """A streamed response that owns the request's admission slot.
+
+    When the response ends — stream finished, client gone, server shutting down — the event
+    generator is closed (so its upstream call is cancelled now, not whenever the generator is
+    garbage-collected) and the slot is released, even if the generator never started.
+    """
+
+    def __init__(self, content: AsyncGenerator[bytes, None], permit: Permit) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.events = content
+        self.permit = permit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.events.aclose()
+            finally:
+                self.permit.release()
+
+
 @router.post("/api/chat/stream")
 async def chat_stream(request: Request) -> Response:
     services = services_of(request)
     permit, turn = await admitted_turn(request, services)
     # The permit travels with the stream and is released when the stream ends, however.
-    return StreamingResponse(
-        chat_events(services, turn, permit),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return PermitStream(chat_events(services, turn, permit), permit)
 
 
 def sse(event: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
-async def chat_events(services: Services, turn: ChatTurn, permit: Permit) -> AsyncIterator[bytes]:
+async def chat_events(
+    services: Services, turn: ChatTurn, permit: Permit
+) -> AsyncGenerator[bytes, None]:
     """SSE events of one streamed chat turn: connected, chunk…, then done or error.
 
     The chat runs in its own task and hands events over a queue; if the client goes away,

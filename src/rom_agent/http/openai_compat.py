@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Send
 
 from rom_agent.http.admission import admit
-from rom_agent.http.chat import check_api_key, parse_json_object, read_body
+from rom_agent.http.chat import PermitStream, check_api_key, parse_json_object, read_body
 from rom_agent.http.errors import ApiError, invalid, openai_error_payload, to_api_error
 from rom_agent.http.services import Services, services_of
+from rom_agent.logs import get_logger
 from rom_agent.providers.base import (
     ChatResponse,
     ContentBlock,
@@ -36,11 +38,11 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
-from rom_agent.resilience.bottleneck import Permit
 from rom_agent.resilience.faults import parse_fault_plan
 from rom_agent.resilience.pipeline import ModelCall, StreamStart
 
 router = APIRouter()
+log = get_logger("rom_agent.http.openai_compat")
 
 _FINISH_REASONS = {
     "end_turn": "stop",
@@ -268,6 +270,15 @@ def _error_response(error: ApiError) -> Response:
     )
 
 
+def _api_error(exc: Exception) -> ApiError:
+    """`to_api_error`, logging the failures nobody anticipated (they become a bare 500).
+    Call it from an `except` block."""
+    error = to_api_error(exc)
+    if error.code == "INTERNAL":
+        log.exception("completion failed", error=type(exc).__name__)
+    return error
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     services = services_of(request)
@@ -287,7 +298,7 @@ async def chat_completions(request: Request) -> Response:
         raw = await read_body(request, services.flags.current.max_body_bytes)
         permit = await admit(request, services.bottleneck)
     except Exception as exc:
-        return _error_response(to_api_error(exc))
+        return _error_response(_api_error(exc))
     streaming = False
     try:
         data = parse_json_object(raw)
@@ -299,16 +310,12 @@ async def chat_completions(request: Request) -> Response:
             options = data.get("stream_options") or {}
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             streaming = True
-            return StreamingResponse(
-                completion_chunks(services, call, permit, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return CompletionStream(completion_chunks(services, call, include_usage), permit)
         result = await services.pipeline.complete(call)
         body = completion_body(result.response, result.model.id)
         return Response(orjson.dumps(body), media_type="application/json")
     except Exception as exc:
-        return _error_response(to_api_error(exc))
+        return _error_response(_api_error(exc))
     finally:
         if not streaming:
             permit.release()
@@ -327,35 +334,78 @@ def _chunk(
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
+class CompletionStream(PermitStream):
+    """The streamed completion, with its status line held back until the commit point.
+
+    Nothing is sent before the pipeline has a first chunk, so a failure before it (chain
+    exhausted, every breaker open, a rejected request) is still an ordinary HTTP error in
+    OpenAI's shape — the SDKs raise their usual `APIStatusError` subclass from `create()` —
+    instead of a 200 whose body is an error.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            first = await anext(self.events)
+        except Exception as exc:
+            error = _error_response(_api_error(exc))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": error.status_code,
+                    "headers": error.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": error.body, "more_body": False})
+            return
+        await super().stream_response(_prepend(first, send))
+
+
+def _prepend(first: bytes, send: Send) -> Send:
+    """`send` that slips `first` in right after the response start."""
+
+    async def sending(message: Any) -> None:
+        await send(message)
+        if message["type"] == "http.response.start":
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+
+    return sending
+
+
 async def completion_chunks(
-    services: Services, call: ModelCall, permit: Permit, include_usage: bool
-) -> AsyncIterator[bytes]:
+    services: Services, call: ModelCall, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
     """OpenAI chunks of one streamed completion; `[DONE]` only after a clean end.
 
-    A failure before the first chunk is retried or falls back inside the pipeline; one after it
-    becomes an error chunk and the stream closes without `[DONE]`, so no client mistakes a cut
-    answer for a complete one.
+    A failure before the first chunk is retried or falls back inside the pipeline, and if the
+    chain still fails it propagates from the first `anext()` (see `CompletionStream`). One
+    after the first chunk becomes an error chunk and the stream closes without `[DONE]`, so
+    no client mistakes a cut answer for a complete one.
     """
     cid, created = completion_id(), int(time.time())
-    model = call.chain[0].id
-    usage = Usage()
-    stop_reason = "end_turn"
-    tool_index = 0
+    items = services.pipeline.stream(call)
     try:
-        async for item in services.pipeline.stream(call):
-            if isinstance(item, TextDelta):
-                yield _chunk(cid, created, model, {"content": item.text})
-            elif isinstance(item, StreamStart):
-                model = item.model.id
-                yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
-            elif isinstance(item, ToolUseEvent):
-                delta = {"tool_calls": [_tool_call_json(item.tool_use, tool_index)]}
-                tool_index += 1
-                yield _chunk(cid, created, model, delta)
-            elif isinstance(item, UsageEvent):
-                usage = item.usage
-            elif isinstance(item, StopEvent):
-                stop_reason = item.stop_reason
+        start = await anext(items)  # the commit point; pipeline errors propagate from here
+        assert isinstance(start, StreamStart), "a committed stream starts with StreamStart"
+        model = start.model.id
+        yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+        usage = Usage()
+        stop_reason = "end_turn"
+        tool_index = 0
+        try:
+            async for item in items:
+                if isinstance(item, TextDelta):
+                    yield _chunk(cid, created, model, {"content": item.text})
+                elif isinstance(item, ToolUseEvent):
+                    delta = {"tool_calls": [_tool_call_json(item.tool_use, tool_index)]}
+                    tool_index += 1
+                    yield _chunk(cid, created, model, delta)
+                elif isinstance(item, UsageEvent):
+                    usage = item.usage
+                elif isinstance(item, StopEvent):
+                    stop_reason = item.stop_reason
+        except Exception as exc:
+            yield b"data: " + orjson.dumps(openai_error_payload(_api_error(exc))) + b"\n\n"
+            return
         yield _chunk(cid, created, model, {}, finish_reason(stop_reason))
         if include_usage:
             body = {
@@ -368,8 +418,5 @@ async def completion_chunks(
             }
             yield b"data: " + orjson.dumps(body) + b"\n\n"
         yield b"data: [DONE]\n\n"
-    except Exception as exc:
-        yield b"data: " + orjson.dumps(openai_error_payload(to_api_error(exc))) + b"\n\n"
     finally:
-        permit.release()
-
+        await items.aclose()

@@ -80,9 +80,17 @@ def stream_timeout(timeout_s: float | None) -> aiohttp.ClientTimeout:
 
 
 def transport_error(exc: BaseException, *, phase: str) -> ProviderError:
-    """Timeouts and connection failures: always transient (never `CancelledError`)."""
+    """Timeouts and connection failures: always transient (never `CancelledError`).
+
+    A timeout is not retryable: these HTTP timeouts are sized from the request's `timeout_s`,
+    the pipeline's attempt budget, so they are the attempt timeout firing — a model that was
+    just too slow is left for the next one, never given another whole budget. (They expire at
+    the same instant as the pipeline's own timer and may win the race against it.)
+    """
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return ProviderError(ErrorKind.TRANSIENT, f"timeout {phase}", error_type="timeout")
+        return ProviderError(
+            ErrorKind.TRANSIENT, f"timeout {phase}", error_type="timeout", retryable=False
+        )
     name = type(exc).__name__
     detail = str(exc) or name
     return ProviderError(ErrorKind.TRANSIENT, f"{phase}: {detail}", error_type=name)

@@ -1,0 +1,550 @@
+"""`POST /api/chat/stream` against real fake upstreams: the stream fault matrix (SPEC §3, §4).
+
+One commit point, the first chunk sent to the client. Before it a failure is retried or falls
+back invisibly (a first-token timeout included); after it, a cut, a stall, a corrupt chunk or a
+missing terminator ends the stream with an `error` event, never `done`. Every case runs the real
+service under uvicorn, the real OpenAI (or Bedrock) provider and a fake upstream on loopback,
+and checks what the client saw, which model answered, whether the turn was stored, how many
+requests each model received and how many failures its breaker counted. The rows recorded here
+are docs/streaming.md's fault table (`python bench/fault_table.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes import Behaviour, FakeUpstream, ToolCall
+from tests.fakes.bedrock_server import FakeBedrock
+from tests.fakes.openai_server import FakeOpenAI
+from tests.gates import wait_until
+from tests.stream_harness import (
+    BACKUP_TEXT,
+    OPENAI_FAULTS,
+    PRIMARY_CHUNKS,
+    PRIMARY_TEXT,
+    Fault,
+    FaultRow,
+    breaker_failures,
+    compact_events,
+    dump_rows,
+    gateway,
+    post_stream,
+    prime,
+    record,
+    sse_events,
+    threaded_fake,
+    upstream_counts,
+)
+
+pytest_plugins = ("tests.fakes.fixtures",)
+
+ROUTE = "/api/chat/stream"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fault_table() -> Iterator[None]:
+    yield
+    dump_rows()
+
+
+@pytest.fixture(scope="module")
+def openai_fake() -> Iterator[FakeOpenAI]:
+    with threaded_fake(FakeOpenAI) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def bedrock_fake() -> Iterator[FakeBedrock]:
+    with threaded_fake(FakeBedrock) as fake:
+        yield fake
+
+
+# --------------------------------------------------------------------------- the SSE contract
+
+
+def check_sse_contract(events: list[dict[str, Any]]) -> None:
+    """SPEC §3: `connected`, `chunk`s numbered from 0, then exactly one `done` or `error`."""
+    assert events[0]["type"] == "connected"
+    assert isinstance(events[0]["conversationId"], str)
+    *middle, last = events[1:]
+    for index, event in enumerate(middle):
+        assert event["type"] == "chunk", event
+        assert set(event) == {"type", "content", "chunkIndex"}
+        assert event["chunkIndex"] == index
+        assert isinstance(event["content"], str) and event["content"]
+    assert last["type"] in ("done", "error"), last
+    if last["type"] == "done":
+        assert {"content", "conversationId", "model", "usage"} <= set(last)
+        assert set(last["usage"]) == {"inputTokens", "outputTokens", "totalTokens"}
+        assert last["content"] == "".join(event["content"] for event in middle)
+    else:
+        assert set(last) == {"type", "error", "code", "recoverable"}
+        assert isinstance(last["error"], str) and last["error"]
+        assert isinstance(last["recoverable"], bool)
+
+
+def streamed_text(events: list[dict[str, Any]]) -> str:
+    return "".join(event["content"] for event in events if event["type"] == "chunk")
+
+
+def test_sse_events_are_exactly_the_specs(tmp_path: Path, openai_fake: FakeOpenAI) -> None:
+    prime(openai_fake)
+    with gateway(tmp_path, openai_fake) as app, app.client() as client:
+        response, raw = post_stream(client, {"message": "hi", "conversationId": "sse-1"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    # Every event is one `data: {json}` line followed by a blank line.
+    assert raw.startswith(b"data: {") and raw.endswith(b"}\n\n")
+    blocks = raw.split(b"\n\n")[:-1]
+    assert all(b.startswith(b"data: {") and b.endswith(b"}") and b"\n" not in b for b in blocks)
+    events = sse_events(raw)
+    check_sse_contract(events)
+    assert events[0] == {"type": "connected", "conversationId": "sse-1"}
+    chunks = [e for e in events if e["type"] == "chunk"]
+    assert [c["content"] for c in chunks] == Behaviour(text=PRIMARY_TEXT).text_chunks()
+    done = events[-1]
+    assert done["content"] == PRIMARY_TEXT
+    assert done["conversationId"] == "sse-1"
+    assert done["model"] == done["modelUsed"] == "primary"
+    assert done["fallbackUsed"] is False
+    assert done["usage"] == {"inputTokens": 12, "outputTokens": 7, "totalTokens": 19}
+    # The upstream was asked for a stream with usage.
+    sent = openai_fake.requests_for("primary")[0].json
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+# --------------------------------------------------------------------------- the fault matrix
+
+
+def run_fault(
+    tmp_path: Path,
+    fault: Fault,
+    primary_fake: FakeUpstream,
+    backup_fake: FakeUpstream,
+    route_label: str,
+    **overrides: Any,
+) -> None:
+    """Run one fault through the stream route; `backup_fake` serves the OpenAI provider."""
+    prime(primary_fake, backup_fake)
+    if fault.script:
+        primary_fake.script(fault.script, model="primary")
+    if fault.persistent is not None:
+        primary_fake.model_defaults["primary"] = fault.persistent
+    if fault.backup is not None:
+        backup_fake.model_defaults["backup"] = fault.backup
+    backup_text = BACKUP_TEXT
+    with gateway(tmp_path, backup_fake, enable_circuit_breaker=True, **overrides) as app:
+        with app.client() as client:
+            response, raw = post_stream(client, {"message": "hi", "conversationId": "c-1"})
+            stored = client.get("/api/conversations/c-1")
+        counted = breaker_failures(app.services, "primary")
+    counts = upstream_counts(primary_fake, backup_fake)
+    requests = (counts["primary"], counts["backup"])
+
+    assert response.status_code == 200, raw
+    events = sse_events(raw)
+    check_sse_contract(events)
+    last = events[-1]
+    text = streamed_text(events)
+    if fault.outcome == "done":
+        assert last["type"] == "done"
+        expected = PRIMARY_TEXT if fault.model == "primary" else backup_text
+        assert text == last["content"] == expected
+        assert last["model"] == fault.model
+        assert last["fallbackUsed"] is (fault.model != "primary")
+        # A complete streamed turn is stored, answer and model included.
+        assert stored.status_code == 200
+        messages = stored.json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[1]["content"] == expected and messages[1]["model"] == fault.model
+    else:
+        assert last["type"] == "error"
+        assert last["code"] == fault.outcome
+        assert last["recoverable"] is fault.recoverable
+        assert not any(event["type"] == "done" for event in events)
+        assert sum(event["type"] == "chunk" for event in events) == (fault.chunks or 0)
+        if fault.chunks:  # the client has a prefix of the primary's answer, flagged as cut
+            assert PRIMARY_TEXT.startswith(text)
+            assert "primary" in last["error"]
+        # A cut turn is not stored: no half answer in the history.
+        assert stored.status_code == 404
+    assert requests == fault.requests
+    assert counted == fault.counted
+
+    complete = "yes" if last["type"] == "done" else ("no" if text else "—")
+    model = last.get("model", "—") if last["type"] == "done" else "—"
+    if last["type"] == "error" and text:
+        model = "primary (cut)"
+    note = f"primary breaker counted {int(counted)}"
+    note += "; stored" if stored.status_code == 200 else "; not stored"
+    record(
+        FaultRow(
+            fault=fault.name,
+            route=route_label,
+            status=response.status_code,
+            events=compact_events(events),
+            complete=complete,
+            model=model,
+            upstream=counts,
+            note=note,
+        )
+    )
+
+
+@pytest.mark.parametrize("fault", OPENAI_FAULTS, ids=[f.id for f in OPENAI_FAULTS])
+def test_fault_matrix_openai_upstream(
+    tmp_path: Path, openai_fake: FakeOpenAI, fault: Fault
+) -> None:
+    run_fault(tmp_path, fault, openai_fake, openai_fake, ROUTE)
+
+
+# The same commit-point rules on Bedrock's binary eventstream: `bedrock/primary` falls back to
+# `openai/backup`, so both wire formats and a cross-provider fallback are exercised.
+BEDROCK_FAULTS = [
+    Fault(
+        "Bedrock 503 `ServiceUnavailableException` persistent",
+        persistent=Behaviour(status=503),
+        model="backup",
+        requests=(4, 1),
+        counted=4,
+        id="503-persistent",
+    ),
+    Fault(
+        "Bedrock 429 `ThrottlingException` once",
+        script=(Behaviour(status=429),),
+        requests=(2, 0),
+        counted=1,
+        id="throttled-once",
+    ),
+    Fault(
+        "Bedrock slow first token",
+        persistent=Behaviour(text=PRIMARY_TEXT, first_byte_delay_s=30),
+        model="backup",
+        requests=(1, 1),
+        counted=1,
+        id="slow-first-token",
+    ),
+    Fault(
+        "Bedrock cut mid-stream (after 2 chunks)",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        outcome="STREAM_INTERRUPTED",
+        chunks=2,
+        counted=1,
+        id="cut-mid-stream",
+    ),
+    Fault(
+        "Bedrock stall mid-stream (after 2 chunks)",
+        persistent=Behaviour(text=PRIMARY_TEXT, stall_after=2),
+        outcome="STREAM_IDLE_TIMEOUT",
+        chunks=2,
+        counted=1,
+        id="stall-mid-stream",
+    ),
+    Fault(
+        "Bedrock frame with a bad CRC (after 2 chunks)",
+        persistent=Behaviour(text=PRIMARY_TEXT, malformed_after=2),
+        outcome="STREAM_INTERRUPTED",
+        chunks=2,
+        counted=1,
+        id="bad-crc",
+    ),
+    Fault(
+        "Bedrock `modelStreamErrorException` frame (after 2 chunks)",
+        persistent=Behaviour(text=PRIMARY_TEXT, stream_error_after=2),
+        outcome="STREAM_INTERRUPTED",
+        chunks=2,
+        counted=1,
+        id="in-stream-exception",
+    ),
+    Fault(
+        "Bedrock missing `messageStop`",
+        persistent=Behaviour(text=PRIMARY_TEXT, missing_terminator=True),
+        outcome="STREAM_INTERRUPTED",
+        chunks=PRIMARY_CHUNKS,
+        counted=1,
+        id="missing-terminator",
+    ),
+    Fault(
+        "Bedrock input too long (400 `ValidationException`)",
+        persistent=Behaviour(
+            status=400, message="Input is too long for requested model.", error_type=None
+        ),
+        model="backup",
+        requests=(1, 1),
+        id="context-length",
+    ),
+]
+
+
+@pytest.mark.parametrize("fault", BEDROCK_FAULTS, ids=[f.id for f in BEDROCK_FAULTS])
+def test_fault_matrix_bedrock_primary_openai_backup(
+    tmp_path: Path,
+    bedrock_fake: FakeBedrock,
+    openai_fake: FakeOpenAI,
+    aws_env: None,
+    fault: Fault,
+) -> None:
+    run_fault(
+        tmp_path,
+        fault,
+        bedrock_fake,
+        openai_fake,
+        ROUTE + " (Bedrock → OpenAI)",
+        model_chain="bedrock/primary,openai/backup",
+        bedrock_endpoint_url=bedrock_fake.url,
+        aws_region="us-east-1",
+    )
+
+
+def test_a_silent_provider_is_left_at_the_attempt_timeout_not_retried(
+    tmp_path: Path, openai_fake: FakeOpenAI
+) -> None:
+    """With FIRST_TOKEN_TIMEOUT_S above ATTEMPT_TIMEOUT_S the attempt timeout is the one that
+    fires: the silent model is left for the next one after one request, not retried."""
+    prime(openai_fake)
+    openai_fake.model_defaults["primary"] = Behaviour(delay_s=30)
+    limits = {"first_token_timeout_s": 5, "attempt_timeout_s": 0.5}
+    with gateway(tmp_path, openai_fake, **limits) as app, app.client() as client:
+        _, raw = post_stream(client, {"message": "hi"})
+    done = sse_events(raw)[-1]
+    assert done["type"] == "done" and done["model"] == "backup"
+    assert upstream_counts(openai_fake) == {"primary": 1, "backup": 1}
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def test_a_cut_turn_leaves_no_trace_in_the_history(tmp_path: Path, openai_fake: FakeOpenAI) -> None:
+    prime(openai_fake)
+    with gateway(tmp_path, openai_fake) as app, app.client() as client:
+        _, raw = post_stream(client, {"message": "first question", "conversationId": "h-1"})
+        assert sse_events(raw)[-1]["type"] == "done"
+
+        openai_fake.script(Behaviour(text=PRIMARY_TEXT, cut_after=3), model="primary")
+        _, raw = post_stream(client, {"message": "second question", "conversationId": "h-1"})
+        events = sse_events(raw)
+        assert events[-1]["type"] == "error" and streamed_text(events)
+
+        history = client.get("/api/conversations/h-1").json()["messages"]
+        assert [m["content"] for m in history] == ["first question", PRIMARY_TEXT]
+
+        # The next turn's prompt carries the stored history only: no half answer, and not
+        # the unanswered question either.
+        post_stream(client, {"message": "third question", "conversationId": "h-1"})
+        sent = openai_fake.requests_for("primary")[-1].json["messages"]
+        assert [m["content"] for m in sent] == ["first question", PRIMARY_TEXT, "third question"]
+
+
+# --------------------------------------------------------------------------- tools in a stream
+
+
+def test_a_streamed_turn_with_a_tool_round_trip(tmp_path: Path, openai_fake: FakeOpenAI) -> None:
+    prime(openai_fake)
+    openai_fake.script(
+        [
+            Behaviour(text="", tool_calls=(ToolCall("calcular", {"expressao": "6 * 7"}),)),
+            Behaviour(text="The answer is 42."),
+        ],
+        model="primary",
+    )
+    with gateway(tmp_path, openai_fake) as app, app.client() as client:
+        _, raw = post_stream(client, {"message": "what is 6 * 7?", "conversationId": "t-1"})
+        history = client.get("/api/conversations/t-1").json()["messages"]
+    events = sse_events(raw)
+    check_sse_contract(events)
+    done = events[-1]
+    assert done["type"] == "done" and done["content"] == "The answer is 42."
+    assert done["toolsUsed"] == [{"name": "calcular", "input": {"expressao": "6 * 7"}, "ok": True}]
+    # The second model call carried the tool result back in OpenAI's shape.
+    second = openai_fake.requests_for("primary")[1].json["messages"]
+    assert second[-2]["tool_calls"][0]["function"]["name"] == "calcular"
+    assert second[-1]["role"] == "tool" and "42" in second[-1]["content"]
+    assert len(history) == 4  # user, assistant tool call, tool result, answer
+
+
+# --------------------------------------------------------------------------- slots, disconnects
+
+
+def test_a_stream_holds_its_slot_until_the_client_leaves(
+    tmp_path: Path, openai_fake: FakeOpenAI
+) -> None:
+    prime(openai_fake)
+    openai_fake.model_defaults["primary"] = Behaviour(text=PRIMARY_TEXT, stall_after=2)
+    settings = {
+        "enable_bottleneck": True,
+        "max_concurrent": 1,
+        "max_queue": 0,
+        "enable_circuit_breaker": True,
+        # The stall must not end the stream by itself.
+        "stream_idle_timeout_s": 60,
+        "attempt_timeout_s": 60,
+    }
+    with gateway(tmp_path, openai_fake, **settings) as app, app.client() as client:
+        bottleneck = app.services.bottleneck
+        with client.stream(
+            "POST", ROUTE, json={"message": "hi", "conversationId": "d-1"}
+        ) as response:
+            reader = EventReader(response)  # kept: dropping it would disconnect
+            seen = reader.until(lambda e: e.get("chunkIndex") == 1)
+            assert [e["type"] for e in seen] == ["connected", "chunk", "chunk"]
+            # Mid-stream the slot is still held: the next request finds no room.
+            assert bottleneck.running == 1
+            assert openai_fake.in_flight == 1
+            refused = httpx.post(app.url + ROUTE, json={"message": "me too"}, timeout=10)
+            assert refused.status_code == 503 and refused.json()["code"] == "QUEUE_FULL"
+        # The client went away: the upstream call is cancelled and the slot freed.
+        wait_until(lambda: bottleneck.running == 0 and openai_fake.in_flight == 0)
+        assert openai_fake.cancelled == 1
+        assert breaker_failures(app.services, "primary") == 0  # our client left, not a fault
+        assert client.get("/api/conversations/d-1").status_code == 404
+
+        # And the next stream gets the slot and completes.
+        openai_fake.model_defaults["primary"] = Behaviour(text=PRIMARY_TEXT)
+        response, raw = post_stream(client, {"message": "again"})
+        assert sse_events(raw)[-1]["type"] == "done"
+        assert bottleneck.running == 0
+
+
+def test_a_client_leaving_before_the_first_token_cancels_the_upstream(
+    tmp_path: Path, openai_fake: FakeOpenAI
+) -> None:
+    prime(openai_fake)
+    openai_fake.model_defaults["primary"] = Behaviour(delay_s=60)  # silent
+    settings = {
+        "enable_bottleneck": True,
+        "max_concurrent": 1,
+        "first_token_timeout_s": 60,
+        "attempt_timeout_s": 60,
+    }
+    with gateway(tmp_path, openai_fake, **settings) as app, app.client() as client:
+        with client.stream("POST", ROUTE, json={"message": "hi"}) as response:
+            reader = EventReader(response)
+            seen = reader.until(lambda e: e["type"] == "connected")
+            assert seen[0]["type"] == "connected"
+            wait_until(lambda: openai_fake.in_flight == 1)
+            assert app.services.bottleneck.running == 1
+        wait_until(lambda: app.services.bottleneck.running == 0 and openai_fake.in_flight == 0)
+        assert openai_fake.cancelled == 1
+        assert len(openai_fake.requests_for("backup")) == 0  # no fallback for a gone client
+
+
+class EventReader:
+    """Our SSE events from a live response, read as far as a test needs. It holds one raw
+    iterator for the whole response: dropping an httpx iterator early closes the connection,
+    which is exactly the client disconnect some tests want to cause only later."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._raw = response.iter_raw()
+        self._buffer = b""
+        self.events: list[dict[str, Any]] = []
+
+    def until(self, condition: Any) -> list[dict[str, Any]]:
+        while not (self.events and condition(self.events[-1])):
+            try:
+                self._buffer += next(self._raw)
+            except StopIteration:
+                raise AssertionError(f"stream ended first: {self.events}") from None
+            *complete, self._buffer = self._buffer.split(b"\n\n")
+            for block in complete:
+                self.events.extend(sse_events(block + b"\n\n"))
+        return self.events
+
+
+# --------------------------------------------------------------------------- a flapping primary
+
+
+def run_outage(tmp_path: Path, fake: FakeOpenAI, *, breaker: bool) -> dict[str, Any]:
+    """The primary goes down for 10 streamed requests, stays down for one more after the
+    breaker's cooldown, then recovers for 3. Every request is answered; returns what the
+    primary received in each phase."""
+    prime(fake)
+    fake.model_defaults["primary"] = Behaviour(status=503)
+    settings = {
+        "enable_circuit_breaker": breaker,
+        "circuit_breaker_threshold": 3,
+        "circuit_breaker_cooldown_s": 3600,
+    }
+    phases: dict[str, Any] = {}
+    with gateway(tmp_path, fake, **settings) as app, app.client() as client:
+        flags, breakers = app.services.flags, app.services.breakers
+
+        def ask(n: int) -> list[str]:
+            models = []
+            for _ in range(n):
+                _, raw = post_stream(client, {"message": "hi"})
+                done = sse_events(raw)[-1]
+                assert done["type"] == "done", done
+                models.append(done["model"])
+            return models
+
+        def cool_down() -> None:
+            # Let the cooldown pass (a runtime flag change, as an operator would), then put it
+            # back, so nothing below depends on how fast the requests run.
+            if breaker:
+                flags.set({"circuit_breaker_cooldown_s": 0.01})
+                wait_until(lambda: breakers.get("primary").state.value == "HALF_OPEN")
+                flags.set({"circuit_breaker_cooldown_s": 3600})
+
+        before = len(fake.requests_for("primary"))
+        phases["down"] = (ask(10), len(fake.requests_for("primary")) - before)
+        phases["state_down"] = breakers.get("primary").state.value
+        cool_down()
+        before = len(fake.requests_for("primary"))
+        phases["probe_fails"] = (ask(1), len(fake.requests_for("primary")) - before)
+        phases["state_probe"] = breakers.get("primary").state.value
+        fake.model_defaults["primary"] = Behaviour(text=PRIMARY_TEXT)
+        cool_down()
+        before = len(fake.requests_for("primary"))
+        phases["recovered"] = (ask(3), len(fake.requests_for("primary")) - before)
+        phases["state_end"] = breakers.get("primary").state.value
+    return phases
+
+
+def test_a_flapping_primary_is_not_hammered_once_its_breaker_opens(
+    tmp_path: Path, openai_fake: FakeOpenAI
+) -> None:
+    on = run_outage(tmp_path / "on", openai_fake, breaker=True)
+    backup_on = len(openai_fake.requests_for("backup"))
+    off = run_outage(tmp_path / "off", openai_fake, breaker=False)
+    backup_off = len(openai_fake.requests_for("backup"))
+
+    # Breaker on: 3 failures open it (all in the first request's retries); the next 9
+    # requests never touch the primary; one probe after the cooldown fails and re-opens it;
+    # after recovery one probe closes it and traffic returns to the primary.
+    assert on["down"] == (["backup"] * 10, 3)
+    assert on["state_down"] == "OPEN"
+    assert on["probe_fails"] == (["backup"], 1)
+    assert on["state_probe"] == "OPEN"
+    assert on["recovered"] == (["primary"] * 3, 3)
+    assert on["state_end"] == "CLOSED"
+
+    # Breaker off: every request still tries the dead primary first; only the retry budget
+    # (3 retries per 10 s at this traffic) keeps it from being 4 calls each.
+    assert off["down"] == (["backup"] * 10, 13)
+    assert off["probe_fails"] == (["backup"], 1)
+    assert off["recovered"] == (["primary"] * 3, 3)
+
+    for label, phases, backup in (("on", on, backup_on), ("off", off, backup_off)):
+        received = sum(phases[p][1] for p in ("down", "probe_fails", "recovered"))
+        record(
+            FaultRow(
+                fault=f"primary down for 11 requests, then back (breaker {label})",
+                route=ROUTE,
+                status=200,
+                events="14 × (connected, chunk…, done)",
+                complete="yes (all 14)",
+                model="backup ×11, then primary ×3",
+                upstream={"primary": received, "backup": backup},
+                note=(
+                    f"primary calls while down: {phases['down'][1]} for 10 requests, "
+                    f"{phases['probe_fails'][1]} for the next"
+                    + (" (the half-open probe)" if label == "on" else "")
+                ),
+            )
+        )
