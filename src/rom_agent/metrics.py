@@ -228,6 +228,11 @@ class Metrics:
         return self._enabled()
 
     def render(self) -> bytes:
+        # Evaluate breaker states first: a due OPEN → HALF_OPEN transition is counted in
+        # circuit_breaker_transitions_total, which is rendered before the state gauge.
+        if self.breaker_source is not None:
+            for _ in self.breaker_source.states():
+                pass
         return generate_latest(self.registry)
 
     # ------------------------------------------------------------------ events

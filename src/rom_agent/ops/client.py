@@ -7,6 +7,7 @@ never followed, so the token cannot be carried to another host.
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -150,3 +151,15 @@ def _lower(headers: Any) -> dict[str, str]:
 
 def _segment(value: str) -> str:
     return urllib.parse.quote(value, safe="")
+
+
+def is_local_or_tls(url: str) -> bool:
+    """Whether the admin token may travel to `url` unencrypted without a warning."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -8,7 +8,6 @@ call failed (the server's message is printed), 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 import urllib.parse
@@ -17,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from rom_agent.ops.client import DEFAULT_URL, AdminClient, ApiCallError
+from rom_agent.ops.client import DEFAULT_URL, AdminClient, ApiCallError, is_local_or_tls
 
 _USAGE_ERROR = 2
 _CALL_FAILED = 1
@@ -155,16 +154,9 @@ def _fail(message: str, status: int) -> int:
 
 
 def _warn_if_plain_http(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme != "http" or host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    print(
-        f"rom-agent flags: warning: sending the admin token to {host} over plain HTTP",
-        file=sys.stderr,
-    )
+    if not is_local_or_tls(url):
+        host = urllib.parse.urlsplit(url).hostname
+        print(
+            f"rom-agent flags: warning: sending the admin token to {host} over plain HTTP",
+            file=sys.stderr,
+        )
