@@ -27,7 +27,7 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
-from rom_agent.providers.openai import OpenAIProvider, iter_sse_data
+from rom_agent.providers.openai import OpenAIProvider, StreamDecoder, iter_sse_batches
 from tests.fakes import (
     BEHAVIOUR_HEADER,
     DUMMY_API_KEY,
@@ -148,13 +148,10 @@ async def test_stream_text(openai_provider: OpenAIProvider, fake_openai: FakeOpe
     fake_openai.script(Behaviour(text="One two three", usage=(9, 3)))
     events = await collect(openai_provider.stream(ask()))
 
-    assert events == [
-        TextDelta("One"),
-        TextDelta(" two"),
-        TextDelta(" three"),
-        UsageEvent(Usage(9, 3)),
-        StopEvent("end_turn"),
-    ]
+    # However the chunks were grouped by the network: all the text, then usage, then stop.
+    assert text_of(events) == "One two three"
+    assert all(isinstance(e, TextDelta) for e in events[:-2])
+    assert events[-2:] == [UsageEvent(Usage(9, 3)), StopEvent("end_turn")]
     [sent] = fake_openai.requests
     assert sent.json["stream"] is True
     assert sent.json["stream_options"] == {"include_usage": True}
@@ -199,8 +196,29 @@ async def test_sse_parser_handles_any_chunking() -> None:
     expected = [b'{"a": 1}', b"first line\nsecond line", b"[DONE]"]
     for size in (1, 2, 5, len(wire)):
         chunks = [wire[i : i + size] for i in range(0, len(wire), size)]
-        got = [data async for data in iter_sse_data(_Chunks(chunks))]  # type: ignore[arg-type]
-        assert got == expected, size
+        batches = [b async for b in iter_sse_batches(_Chunks(chunks))]  # type: ignore[arg-type]
+        assert [data for batch in batches for data in batch] == expected, size
+        assert all(batches), "no empty batches"
+
+
+def _sse_chunk(text: str) -> bytes:
+    return orjson.dumps({"choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+def test_text_that_arrived_together_travels_together() -> None:
+    decoder = StreamDecoder()
+    together = list(decoder.handle_batch([_sse_chunk("One"), _sse_chunk(" two")]))
+    apart = [*decoder.handle_batch([_sse_chunk(" three")]), *decoder.handle_batch([b"[DONE]"])]
+    assert together == [TextDelta("One two")]
+    assert apart == [TextDelta(" three")]
+    assert decoder.done
+
+
+def test_text_decoded_before_a_bad_chunk_is_delivered_first() -> None:
+    events = StreamDecoder().handle_batch([_sse_chunk("One"), _sse_chunk(" two"), b"{broken"])
+    assert next(events) == TextDelta("One two")
+    with pytest.raises(orjson.JSONDecodeError):
+        next(events)
 
 
 # --------------------------------------------------------------------------- errors
@@ -319,7 +337,8 @@ async def test_cut_stream_fails_after_the_chunks_it_got(
 ) -> None:
     fake_openai.script(Behaviour(text="one two three", cut_after=2))
     events, error = await collect_until_error(openai_provider.stream(ask()))
-    assert events == [TextDelta("one"), TextDelta(" two")]
+    assert text_of(events) == "one two"
+    assert all(isinstance(e, TextDelta) for e in events)
     assert error.kind is ErrorKind.TRANSIENT
 
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from rom_agent.agent.chat import ChatTurn
 from rom_agent.http.admission import admit
 from rom_agent.http.errors import ApiError, invalid, to_api_error
 from rom_agent.http.services import Services, services_of
+from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
 from rom_agent.providers.base import ModelRef
 from rom_agent.resilience.bottleneck import Permit
@@ -152,32 +152,6 @@ async def chat(request: Request) -> Response:
     async with permit:
         outcome = await services.chat.chat(turn)
     return json_response(outcome.to_dict())
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class PermitStream(StreamingResponse):
-    """A streamed response that owns the request's admission slot.
-
-    When the response ends — stream finished, client gone, server shutting down — the event
-    generator is closed (so its upstream call is cancelled now, not whenever the generator is
-    garbage-collected) and the slot is released, even if the generator never started.
-    """
-
-    def __init__(self, content: AsyncGenerator[bytes, None], permit: Permit) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.events = content
-        self.permit = permit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self.events.aclose()
-            finally:
-                self.permit.release()
 
 
 @router.post("/api/chat/stream")

@@ -6,7 +6,7 @@ Stop reasons are normalised to the Converse vocabulary (`end_turn`, `tool_use`, 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -102,15 +102,14 @@ class OpenAIProvider:
                 if response.status != 200:
                     raise await _error_from_response(response)
                 phase = "reading stream"
-                async with aclosing(iter_sse_data(response.content)) as events:
-                    async for data in events:
-                        if data == _DONE:
+                async with aclosing(iter_sse_batches(response.content)) as batches:
+                    async for batch in batches:
+                        for event in decoder.handle_batch(batch):
+                            yield event
+                        if decoder.done:
                             # Don't wait for EOF: a server lingering after `[DONE]` must not
                             # delay the answer (the connection is reused if EOF is in already).
-                            decoder.done = True
                             break
-                        for event in decoder.handle(orjson.loads(data)):
-                            yield event
         except TRANSPORT_ERRORS as exc:
             if not decoder.done:  # after [DONE] nothing of the answer can be lost
                 raise transport_error(exc, phase=phase) from exc
@@ -253,6 +252,35 @@ class StreamDecoder:
                 self._tools.clear()
         return events
 
+    def handle_batch(self, batch: list[bytes]) -> Iterator[StreamEvent]:
+        """The events of one network read, consecutive text deltas merged into one.
+
+        When the upstream is ahead of us its chunks arrive together; forwarding them as one
+        saves a pipeline step, an SSE frame and a socket write per chunk, as a byte-forwarding
+        proxy would. A live model's tokens arrive spaced out and pass one by one. Whatever was
+        decoded before a failure is yielded before the failure is raised.
+        """
+        texts: list[str] = []
+        try:
+            for data in batch:
+                if data == _DONE:
+                    self.done = True
+                    break
+                for event in self.handle(orjson.loads(data)):
+                    if isinstance(event, TextDelta):
+                        texts.append(event.text)
+                        continue
+                    if texts:
+                        yield TextDelta("".join(texts))
+                        texts = []
+                    yield event
+        except Exception:
+            if texts:
+                yield TextDelta("".join(texts))
+            raise
+        if texts:
+            yield TextDelta("".join(texts))
+
     def _tool_delta(self, call: dict[str, Any]) -> None:
         tool = self._tools.get(call.get("index", 0))
         if tool is None:
@@ -296,28 +324,33 @@ def _usage(raw: Any) -> Usage:
     return Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
 
 
-async def iter_sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The `data` of each server-sent event, whatever the chunking (no line-length limit)."""
+async def iter_sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The `data` of the server-sent events completed by each network read, whatever the
+    chunking (no line-length limit). Batched per read so that events which arrived together
+    can travel on together (see `StreamDecoder.handle_batch`)."""
     pending = b""
     data: list[bytes] = []
     async for chunk in content.iter_any():
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
+        batch: list[bytes] = []
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if data:
-                    yield data[0] if len(data) == 1 else b"\n".join(data)
+                    batch.append(data[0] if len(data) == 1 else b"\n".join(data))
                     data = []
             elif line.startswith(b"data:"):
                 value = line[5:]
                 data.append(value[1:] if value.startswith(b" ") else value)
             # `event:`, `id:`, `retry:` and `:` comments carry nothing we use
+        if batch:
+            yield batch
     if pending.startswith(b"data:"):  # a last event without its blank line
         data.append(pending[5:].strip())
     if data:
-        yield b"\n".join(data)
+        yield [b"\n".join(data)]
 
 
 # --------------------------------------------------------------------------- errors
