@@ -33,7 +33,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,11 +102,15 @@ OURS_OFF = {
 OVERLOAD_LIMITS = {"MAX_CONCURRENT": "4", "MAX_QUEUE": "0"}
 OVERLOAD_DELAY_MS = 100  # capacity = 4 slots / 0.1 s = 40 req/s
 OVERLOAD_CAPACITY = 40.0
+RAW = "_samples_200"
+INTERFERENCE_LIMIT = 0.25  # share of the gateway CPU taken by others before a window is redone
+SATURATED_P50_MS = 100.0  # 5x the upstream delay
 
 
 @dataclass(frozen=True)
 class Plan:
-    rounds: int
+    rounds: int  # latency and overload phases
+    closed_rounds: int  # throughput and streaming phases (short windows, more rounds)
     throughput_s: float
     stream_s: float
     latency_s: float
@@ -119,24 +123,26 @@ class Plan:
 
 FULL = Plan(
     rounds=3,
-    throughput_s=8,
-    stream_s=6,
-    latency_s=15,
+    closed_rounds=5,
+    throughput_s=5,
+    stream_s=4,
+    latency_s=10,
     latency_rate=20,
     curve_rates=(25, 50, 100, 200, 400, 800, 1600, 3200),
-    curve_s=4,
-    overload_s=8,
+    curve_s=3,
+    overload_s=6,
     warmup_s=3,
 )
 QUICK = Plan(
     rounds=1,
+    closed_rounds=1,
     throughput_s=4,
     stream_s=3,
-    latency_s=6,
+    latency_s=5,
     latency_rate=20,
-    curve_rates=(50, 200, 800, 3200),
+    curve_rates=(50, 400, 3200),
     curve_s=2,
-    overload_s=4,
+    overload_s=3,
     warmup_s=2,
 )
 
@@ -252,6 +258,7 @@ def check_loopback(url: str) -> None:
 
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -302,16 +309,45 @@ def rss_mb(root: int) -> float:
     return round(total_kb / 1024, 1)
 
 
-def settle(service: Service, limit_s: float = 30.0) -> None:
-    """Wait until the gateway is idle (it may still be draining a backlog from the last step)."""
-    if service.process is None:
-        return
+def cpu_busy(cpu: int) -> float:
+    """Busy seconds of one CPU (everything but idle and iowait), from /proc/stat."""
+    prefix = f"cpu{cpu} "
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(prefix):
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, line.split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return 0.0
+
+
+def settle(limit_s: float = 30.0) -> None:
+    """Wait (bounded) until the gateways' CPU is quiet: a gateway may still be draining a
+    backlog from the last step, and other work on the machine may be passing."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        before = cpu_seconds(service.pid)
+        before = cpu_busy(GATEWAY_CPU)
         time.sleep(0.3)
-        if cpu_seconds(service.pid) - before < 0.03:  # under 10 % of a core
+        if cpu_busy(GATEWAY_CPU) - before < 0.03:  # under 10 % of the core
             return
+
+
+@contextlib.contextmanager
+def window(service: Service) -> Iterator[dict[str, float]]:
+    """Measure one load window: the gateway's CPU-seconds, and the share of the gateway CPU
+    used by anything else (other processes, interrupts, steal) — the interference."""
+    settle()
+    gateway = service.process is not None
+    out: dict[str, float] = {}
+    cpu_before = cpu_seconds(service.pid) if gateway else 0.0
+    busy_before, began = cpu_busy(GATEWAY_CPU), time.monotonic()
+    yield out
+    elapsed = time.monotonic() - began
+    cpu = cpu_seconds(service.pid) - cpu_before if gateway else 0.0
+    out["cpu_s"] = cpu
+    if service.cpu == GATEWAY_CPU:  # the direct upstream runs on the other CPU
+        foreign = cpu_busy(GATEWAY_CPU) - busy_before - cpu
+        out["foreign_cpu0"] = round(max(0.0, foreign) / elapsed, 3)
+    else:
+        out["foreign_cpu0"] = 0.0
 
 
 # --------------------------------------------------------------------------- load
@@ -323,8 +359,9 @@ def set_upstream_delay(ms: float) -> None:
         raise RuntimeError(f"upstream did not accept the delay ({status})")
 
 
-def wrk(service: Service, body: bytes, duration_s: float, connections: int = 32) -> dict[str, Any]:
-    env = dict(os.environ, BENCH_BODY=body.decode(), BENCH_AUTH=service.auth)
+def start_wrk(
+    service: Service, body: bytes, duration_s: float, connections: int = 32
+) -> subprocess.Popen[str]:
     command = [
         "wrk",
         "-t1",
@@ -336,33 +373,79 @@ def wrk(service: Service, body: bytes, duration_s: float, connections: int = 32)
         str(BENCH / "post.lua"),
         service.url + service.path,
     ]
-    done = subprocess.run(
+    return subprocess.Popen(
         command,
-        env=env,
-        capture_output=True,
+        env=dict(os.environ, BENCH_BODY=body.decode(), BENCH_AUTH=service.auth),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=duration_s + 30,
         preexec_fn=pin_to(LOAD_CPU),
-        check=False,
     )
-    for line in done.stdout.splitlines():
+
+
+def wrk_result(process: subprocess.Popen[str], duration_s: float) -> dict[str, Any]:
+    try:
+        stdout, stderr = process.communicate(timeout=duration_s + 30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+    for line in stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
             return result
-    raise RuntimeError(f"wrk gave no summary: {done.stdout[-500:]} {done.stderr[-500:]}")
+    raise RuntimeError(f"wrk gave no summary: {stdout[-500:]} {stderr[-500:]}")
+
+
+def wrk(service: Service, body: bytes, duration_s: float, connections: int = 32) -> dict[str, Any]:
+    return wrk_result(start_wrk(service, body, duration_s, connections), duration_s)
+
+
+def side_by_side(a: Service, b: Service, body: bytes, duration_s: float) -> dict[str, Any]:
+    """Load two gateways at once (16 connections each, both on CPU 0): whatever the shared
+    machine does during the window, it does to both, so the ratio of their CPU per request is
+    far steadier than one from windows measured one after the other."""
+    settle()
+    before = {s.key: cpu_seconds(s.pid) for s in (a, b)}
+    runs = {s.key: start_wrk(s, body, duration_s, connections=16) for s in (a, b)}
+    results = {key: wrk_result(process, duration_s) for key, process in runs.items()}
+    out: dict[str, Any] = {}
+    for service in (a, b):
+        requests = max(1, results[service.key]["requests"])
+        cpu = cpu_seconds(service.pid) - before[service.key]
+        out[f"{service.key}_cpu_s_per_1k"] = round(cpu * 1000 / requests, 4)
+        out[f"{service.key}_non_2xx"] = results[service.key]["non_2xx"]
+    out["ratio"] = round(out[f"{a.key}_cpu_s_per_1k"] / out[f"{b.key}_cpu_s_per_1k"], 4)
+    return out
+
+
+def side_by_side_phase(
+    count: int, pairs: list[tuple[Service, Service]], duration_s: float
+) -> dict[str, Any]:
+    phase: dict[str, Any] = {}
+    for a, b in pairs:
+        rounds = []
+        for number in range(1, count + 1):
+            row = side_by_side(a, b, BODY, duration_s)
+            rounds.append(row)
+            log(f"side by side round {number} {a.key} / {b.key}: CPU ratio {row['ratio']}")
+        phase[f"{a.key}_over_{b.key}"] = {
+            "rounds": rounds,
+            "median_ratio": median([r["ratio"] for r in rounds]),
+        }
+    return phase
 
 
 def closed_loop(service: Service, body: bytes, duration_s: float) -> dict[str, Any]:
     """wrk at 32 connections; req/s and CPU-s per 1,000 requests of the gateway."""
-    settle(service)
-    cpu_before = cpu_seconds(service.pid) if service.process else 0.0
-    result = wrk(service, body, duration_s)
-    cpu = (cpu_seconds(service.pid) - cpu_before) if service.process else 0.0
+    with window(service) as measured:
+        result = wrk(service, body, duration_s)
+    cpu = measured["cpu_s"]
     requests = max(1, result["requests"])
     seconds = result["duration_us"] / 1e6
     return {
         "rps": round(requests / seconds, 1),
         "cpu_s_per_1k": round(cpu * 1000 / requests, 3) if service.process else None,
+        "foreign_cpu0": measured["foreign_cpu0"],
         "non_2xx": result["non_2xx"],
         "socket_errors": result["connect_errors"] + result["read_errors"] + result["timeouts"],
         "p50_ms": round(result["p50_us"] / 1000, 3),
@@ -371,26 +454,58 @@ def closed_loop(service: Service, body: bytes, duration_s: float) -> dict[str, A
 
 
 def open_loop(service: Service, rate: float, duration_s: float) -> dict[str, Any]:
-    settle(service)
-    cpu_before = cpu_seconds(service.pid) if service.process else 0.0
-    run = uvloop.run(
-        loadgen.run(
-            HOST,
-            service.port,
-            service.path,
-            rate,
-            duration_s,
-            body=BODY,
-            headers=service.headers,
-            max_connections=1024,
-            timeout_s=10.0,
+    with window(service) as measured:
+        run = uvloop.run(
+            loadgen.run(
+                HOST,
+                service.port,
+                service.path,
+                rate,
+                duration_s,
+                body=BODY,
+                headers=service.headers,
+                max_connections=1024,
+                timeout_s=10.0,
+            )
         )
-    )
     summary = run.summary()
     if service.process:
-        cpu = cpu_seconds(service.pid) - cpu_before
-        summary["cpu_s_per_1k"] = round(cpu * 1000 / max(1, run.completed), 3)
+        summary["cpu_s_per_1k"] = round(measured["cpu_s"] * 1000 / max(1, run.completed), 3)
+    summary["foreign_cpu0"] = measured["foreign_cpu0"]
+    summary[RAW] = run.ok()  # taken out before the results are written
     return summary
+
+
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Percentiles over the samples of every round together (p99 of a few hundred samples per
+    round is too noisy alone); removes the raw samples from the rounds."""
+    samples = [x for r in rounds for x in r.pop(RAW, [])]
+    return loadgen.percentiles(samples)
+
+
+def robust(step: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
+    """Run a window; run it once more if something else took a big share of the gateway CPU."""
+    result = step()
+    if result.get("foreign_cpu0", 0) > INTERFERENCE_LIMIT:
+        log(f"{what}: {result['foreign_cpu0']:.0%} of CPU {GATEWAY_CPU} used by others; again")
+        again = step()
+        again["repeated"] = True
+        if again.get("foreign_cpu0", 0) <= result["foreign_cpu0"]:
+            result = again
+    return result
+
+
+def paired(rounds: dict[str, list[dict[str, Any]]], a: str, b: str, key: str) -> float | None:
+    """Median over rounds of a[key] / b[key]: each ratio compares windows minutes apart at
+    most, so slow drifts of the shared machine cancel out."""
+    if a not in rounds or b not in rounds:
+        return None
+    ratios = [
+        x[key] / y[key]
+        for x, y in zip(rounds[a], rounds[b], strict=False)
+        if x.get(key) and y.get(key)
+    ]
+    return round(statistics.median(ratios), 3) if ratios else None
 
 
 def median(values: list[float | None]) -> float | None:
@@ -560,11 +675,11 @@ def start_all(upstream: Service, services: list[Service]) -> None:
 def warm_up(service: Service, seconds: float) -> None:
     for _ in range(20):
         http("POST", service.url + service.path, BODY, service.headers)
-    settle(service)
+    settle()
     service.rss["idle"] = rss_mb(service.pid)
     wrk(service, BODY, seconds)
     wrk(service, STREAM_BODY, max(1.0, seconds / 2))
-    settle(service)
+    settle()
     service.rss["warm"] = rss_mb(service.pid)
 
 
@@ -572,12 +687,12 @@ def warm_up(service: Service, seconds: float) -> None:
 
 
 def interleaved(
-    plan: Plan, services: list[Service], step: Callable[[Service], dict[str, Any]], name: str
+    count: int, services: list[Service], step: Callable[[Service], dict[str, Any]], name: str
 ) -> dict[str, list[dict[str, Any]]]:
     rounds: dict[str, list[dict[str, Any]]] = {s.key: [] for s in services}
-    for number in range(1, plan.rounds + 1):
+    for number in range(1, count + 1):
         for service in services:
-            result = step(service)
+            result = robust(lambda s=service: step(s), f"{name} {service.key}")
             rounds[service.key].append(result)
             log(f"{name} round {number} {service.key}: {brief(result)}")
     return rounds
@@ -601,7 +716,9 @@ def curve(plan: Plan, series: list[Service]) -> dict[str, list[dict[str, Any]]]:
         for service in series:
             if service.key in saturated:
                 continue
-            summary = open_loop(service, rate, plan.curve_s)
+            summary = robust(
+                lambda s=service, r=rate: open_loop(s, r, plan.curve_s), f"curve {service.key}"
+            )
             statuses = summary["statuses"]
             total = sum(statuses.values()) or 1
             errors = total - statuses.get("200", 0)
@@ -612,27 +729,28 @@ def curve(plan: Plan, series: list[Service]) -> dict[str, list[dict[str, Any]]]:
                 "p99_ms": lat(summary, 200, "p99"),
                 "error_share": round(errors / total, 4),
                 "max_lateness_ms": summary["max_lateness_ms"],
+                "foreign_cpu0": summary["foreign_cpu0"],
             }
             points[service.key].append(point)
             log(f"curve {service.key} @{rate:g}/s: {point}")
             p50 = point["p50_ms"]
-            if (
-                summary["achieved_rps"] < 0.9 * rate
-                or errors / total > 0.01
-                or p50 is None
-                or p50 > 1000
-            ):
+            # Saturated: queueing shows in the median, or errors; a p99 spike alone is not.
+            if errors / total > 0.01 or p50 is None or p50 > SATURATED_P50_MS:
+                point["saturated"] = True
                 saturated.add(service.key)
-                settle(service, 60)
+                settle(60)
     return points
 
 
-def overload_phase(plan: Plan, service: Service) -> dict[str, Any]:
-    set_upstream_delay(OVERLOAD_DELAY_MS)
+def overload_phase(plan: Plan, service: Service, upstream: Service) -> dict[str, Any]:
     unloaded_rate, overload_rate = OVERLOAD_CAPACITY / 2, OVERLOAD_CAPACITY * 10
     rounds: list[dict[str, Any]] = []
     for number in range(1, plan.rounds + 1):
-        calm = open_loop(service, unloaded_rate, plan.overload_s)
+        # The generator's own floor at this rate: the direct upstream answering at once.
+        set_upstream_delay(0)
+        floor = open_loop(upstream, overload_rate, plan.overload_s)
+        set_upstream_delay(OVERLOAD_DELAY_MS)
+        calm = robust(lambda: open_loop(service, unloaded_rate, plan.overload_s), "unloaded")
         offset = (WORK / f"{service.key}.log").stat().st_size
         storm = open_loop(service, overload_rate, plan.overload_s)
         server = server_durations(WORK / f"{service.key}.log", offset, service.path)
@@ -648,6 +766,9 @@ def overload_phase(plan: Plan, service: Service) -> dict[str, Any]:
             "server_rejected_p99_ms": server.get(503, {}).get("p99"),
             "server_accepted_p50_ms": server.get(200, {}).get("p50"),
             "server_accepted_p99_ms": server.get(200, {}).get("p99"),
+            "generator_floor_p50_ms": lat(floor, 200, "p50"),
+            "generator_floor_p99_ms": lat(floor, 200, "p99"),
+            "foreign_cpu0": storm["foreign_cpu0"],
             "statuses": storm["statuses"],
             "accepted_rps": round(storm["statuses"].get("200", 0) / storm["elapsed_s"], 1),
         }
@@ -708,7 +829,7 @@ def machine_info() -> dict[str, Any]:
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "wrk": (wrk_version.stdout or wrk_version.stderr).splitlines()[0]
+        "wrk": (wrk_version.stdout or wrk_version.stderr).split(" Copyright")[0].strip()
         if shutil.which("wrk")
         else "",
         "commit": commit + ("+dirty" if dirty else ""),
@@ -722,7 +843,7 @@ def machine_info() -> dict[str, Any]:
 def run(args: argparse.Namespace) -> Path:
     plan = QUICK if args.quick else FULL
     if args.rounds:
-        plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
+        plan = Plan(**{**plan.__dict__, "rounds": args.rounds, "closed_rounds": args.rounds})
     os.sched_setaffinity(0, {LOAD_CPU})
     started = time.monotonic()
     upstream, gateways, overload = build_services(args)
@@ -749,21 +870,42 @@ def run(args: argparse.Namespace) -> Path:
 
         log("phase: throughput (32 connections, upstream delay 0)")
         set_upstream_delay(0)
+        # wrk against the upstream itself (both on CPU 1): the ceiling of the load setup.
+        ceiling = closed_loop(upstream, BODY, plan.warmup_s)
+        log(f"wrk against the direct upstream: {brief(ceiling)}")
         tp = interleaved(
-            plan, live, lambda s: closed_loop(s, BODY, plan.throughput_s), "throughput"
+            plan.closed_rounds,
+            live,
+            lambda s: closed_loop(s, BODY, plan.throughput_s),
+            "throughput",
         )
+
+        by_key = {g.key: g for g in live}
+        pairs = [
+            (by_key[a], by_key[b])
+            for a, b in (("ours", "ours_off"), ("ours_info", "ours"))
+            if a in by_key and b in by_key
+        ]
+        if pairs:
+            log("phase: side by side (two gateways loaded at once, 16 connections each)")
+            results["side_by_side"] = side_by_side_phase(
+                plan.closed_rounds, pairs, plan.throughput_s
+            )
 
         streamers = [g for g in live if g.key != "ours_info"]
         log("phase: streaming (32 connections, upstream delay 0)")
         st = interleaved(
-            plan, streamers, lambda s: closed_loop(s, STREAM_BODY, plan.stream_s), "stream"
+            plan.closed_rounds,
+            streamers,
+            lambda s: closed_loop(s, STREAM_BODY, plan.stream_s),
+            "stream",
         )
 
         log(f"phase: latency at {plan.latency_rate:g} req/s, upstream delay 20 ms")
         set_upstream_delay(20)
         latency_targets = [upstream, *[g for g in live if g.key != "ours_info"]]
         lt = interleaved(
-            plan,
+            plan.rounds,
             latency_targets,
             lambda s: open_loop(s, plan.latency_rate, plan.latency_s),
             "latency",
@@ -777,15 +919,32 @@ def run(args: argparse.Namespace) -> Path:
 
         if overload is not None and overload.status == "ok":
             log("phase: overload (bottleneck 4 running / 0 queued, 10x capacity)")
-            results["overload"] = overload_phase(plan, overload)
+            results["overload"] = overload_phase(plan, overload, upstream)
             results["overload"]["rss_mb"] = rss_mb(overload.pid)
         set_upstream_delay(0)
 
-        direct = medians(
-            [{"p50": lat(r, 200, "p50"), "p99": lat(r, 200, "p99")} for r in lt[upstream.key]],
-            ["p50", "p99"],
+        results["paired"] = {
+            f"{phase}_{key}_{a}_over_{b}": paired(data, a, b, key)
+            for phase, data in (("throughput", tp), ("streaming", st))
+            for key in ("rps", "cpu_s_per_1k")
+            for a, b in (("ours", "bare"), ("ours", "litellm"), ("ours", "ours_off"))
+        }
+        results["paired"]["throughput_cpu_s_per_1k_ours_info_over_ours"] = paired(
+            tp, "ours_info", "ours", "cpu_s_per_1k"
         )
-        results["direct"] = {"latency": {"rounds": lt[upstream.key], "median": direct}}
+        pools = {key: pooled(rounds) for key, rounds in lt.items()}
+        direct = pools[upstream.key]
+        direct_rounds = [
+            {"p50": lat(r, 200, "p50"), "p99": lat(r, 200, "p99")} for r in lt[upstream.key]
+        ]
+        results["direct"] = {
+            "throughput": ceiling,
+            "latency": {
+                "rounds": direct_rounds,
+                "median": medians(direct_rounds, ["p50", "p99"]),
+                "pooled": direct,
+            },
+        }
         results["direct"]["curve"] = cv.get(upstream.key, [])
         for service in live:
             entry = results["gateways"][service.key]
@@ -813,8 +972,10 @@ def run(args: argparse.Namespace) -> Path:
                     for r in lt[service.key]
                 ]
                 mid = medians(rows, ["p50_ms", "p99_ms", "cpu_s_per_1k"])
-                for q in ("p50", "p99"):
-                    gw, base = mid[f"{q}_ms"], direct[q]
+                pool = pools[service.key]
+                for q in ("p50", "p99"):  # added latency: pooled samples, gateway minus direct
+                    gw, base = pool.get(q), direct.get(q)
+                    mid[f"pooled_{q}_ms"] = gw
                     mid[f"added_{q}_ms"] = (
                         round(gw - base, 3) if gw is not None and base is not None else None
                     )

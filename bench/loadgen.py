@@ -111,7 +111,8 @@ class Connection(asyncio.Protocol):
             self.waiter.set_result(self.parser.get_status_code())
 
     def request(self, payload: bytes) -> asyncio.Future[int]:
-        assert self.transport is not None
+        if self.transport is None:
+            raise ConnectionError("connection closed")
         self.reusable = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(payload)
@@ -131,8 +132,11 @@ class Pool:
 
     async def acquire(self) -> Connection:
         while True:
-            if self.idle:
-                return self.idle.pop()
+            while self.idle:
+                conn = self.idle.pop()
+                if conn.transport is not None and not conn.transport.is_closing():
+                    return conn
+                self.open -= 1  # the server closed it while it was idle
             if self.open < self.max:
                 self.open += 1
                 try:

@@ -17,8 +17,8 @@ from starlette.responses import Response
 
 from rom_agent.config import SECRET_KEYS, ConfigError, Settings
 from rom_agent.flags import RUNTIME_KEYS, STATIC_KEYS, AuditEntry, FlagStore, public_value
-from rom_agent.http.chat import json_response, parse_json_object, read_body
 from rom_agent.http.errors import ApiError, invalid
+from rom_agent.http.requests import json_response, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
 from rom_agent.logs import get_logger
 

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from rom_agent.agent.chat import ChatTurn
 from rom_agent.http.admission import admit
 from rom_agent.http.errors import ApiError, invalid, to_api_error
+from rom_agent.http.requests import check_api_key, json_response, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
 from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
@@ -35,31 +36,6 @@ class ChatInput:
     text: str
     conversation_id: str | None
     chain: tuple[ModelRef, ...]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds `limit` — never buffered whole."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise invalid("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise invalid("request body must be a JSON object")
-    return data
 
 
 def parse_chat_input(data: dict[str, Any], services: Services) -> ChatInput:
@@ -90,26 +66,8 @@ def parse_chat_input(data: dict[str, Any], services: Services) -> ChatInput:
     return ChatInput(text, conversation_id, chain)
 
 
-def check_api_key(request: Request, services: Services) -> None:
-    if not services.api_key_digests:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not services.api_key_valid(key.strip()):
-        raise ApiError(
-            401,
-            "UNAUTHORIZED",
-            "missing or invalid API key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
 def new_conversation_id() -> str:
     return "conv-" + secrets.token_hex(8)
-
-
-def json_response(body: dict[str, Any], status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 async def prepare_turn(request: Request, services: Services, raw: bytes) -> ChatTurn:

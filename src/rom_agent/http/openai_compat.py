@@ -19,8 +19,8 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from rom_agent.http.admission import admit
-from rom_agent.http.chat import check_api_key, parse_json_object, read_body
 from rom_agent.http.errors import ApiError, invalid, openai_error_payload, to_api_error
+from rom_agent.http.requests import check_api_key, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
 from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
