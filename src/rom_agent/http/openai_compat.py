@@ -358,18 +358,7 @@ class CompletionStream(PermitStream):
             )
             await send({"type": "http.response.body", "body": error.body, "more_body": False})
             return
-        await super().stream_response(_prepend(first, send))
-
-
-def _prepend(first: bytes, send: Send) -> Send:
-    """`send` that slips `first` in right after the response start."""
-
-    async def sending(message: Any) -> None:
-        await send(message)
-        if message["type"] == "http.response.start":
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-
-    return sending
+        await super().stream_response(send, first)
 
 
 async def completion_chunks(
@@ -388,26 +377,30 @@ async def completion_chunks(
         start = await anext(items)  # the commit point; pipeline errors propagate from here
         assert isinstance(start, StreamStart), "a committed stream starts with StreamStart"
         model = start.model.id
-        yield _chunk(cid, created, model, {"role": "assistant", "content": ""})
+        # The role chunk rides with the first content chunk (which follows StreamStart at
+        # once): one write instead of two. Likewise the finish, usage and [DONE] below.
+        head = _chunk(cid, created, model, {"role": "assistant", "content": ""})
         usage = Usage()
         stop_reason = "end_turn"
         tool_index = 0
         try:
             async for item in items:
                 if isinstance(item, TextDelta):
-                    yield _chunk(cid, created, model, {"content": item.text})
+                    yield head + _chunk(cid, created, model, {"content": item.text})
+                    head = b""
                 elif isinstance(item, ToolUseEvent):
                     delta = {"tool_calls": [_tool_call_json(item.tool_use, tool_index)]}
                     tool_index += 1
-                    yield _chunk(cid, created, model, delta)
+                    yield head + _chunk(cid, created, model, delta)
+                    head = b""
                 elif isinstance(item, UsageEvent):
                     usage = item.usage
                 elif isinstance(item, StopEvent):
                     stop_reason = item.stop_reason
         except Exception as exc:
-            yield b"data: " + orjson.dumps(openai_error_payload(_api_error(exc))) + b"\n\n"
+            yield head + b"data: " + orjson.dumps(openai_error_payload(_api_error(exc))) + b"\n\n"
             return
-        yield _chunk(cid, created, model, {}, finish_reason(stop_reason))
+        tail = [head, _chunk(cid, created, model, {}, finish_reason(stop_reason))]
         if include_usage:
             body = {
                 "id": cid,
@@ -417,7 +410,8 @@ async def completion_chunks(
                 "choices": [],
                 "usage": _usage_json(usage),
             }
-            yield b"data: " + orjson.dumps(body) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            tail.append(b"data: " + orjson.dumps(body) + b"\n\n")
+        tail.append(b"data: [DONE]\n\n")
+        yield b"".join(tail)
     finally:
         await items.aclose()

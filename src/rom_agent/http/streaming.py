@@ -69,10 +69,13 @@ class PermitStream(Response):
             finally:
                 self.permit.release()
 
-    async def stream_response(self, send: Send) -> None:
+    async def stream_response(self, send: Send, first: bytes | None = None) -> None:
+        """The status line, then `first` (when the caller already pulled it), then the rest."""
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
+        if first is not None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
         async for chunk in self.events:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
