@@ -132,6 +132,7 @@ def targets(results: dict[str, Any]) -> list[Row]:
     """(target, measured, met) for ours with every flag on."""
     ours = results.get("gateways", {}).get("ours", {})
     cpu_x = paired(results, "throughput_cpu_s_per_1k_ours_over_bare")
+    stream_cpu_x = paired(results, "streaming_cpu_s_per_1k_ours_over_bare")
     share = paired(results, "throughput_rps_ours_over_bare")
     p99 = get(ours, "latency", "median", "added_p99_ms")
     idle = ours.get("rss_idle_mb")
@@ -144,6 +145,12 @@ def targets(results: dict[str, Any]) -> list[Row]:
     server, client = over.get("server_rejected_p99_ms"), over.get("rejected_p99_ms")
     rows = [
         check("CPU per request ≤ 2× bare", cpu_x, f"{fmt(cpu_x, 2)}×", lambda v: v <= 2),
+        check(
+            "CPU per streamed request ≤ 2× bare",
+            stream_cpu_x,
+            f"{fmt(stream_cpu_x, 2)}×",
+            lambda v: v <= 2,
+        ),
         check(
             "max throughput ≥ 50 % of bare",
             share,
