@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from dotenv import dotenv_values
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -63,8 +64,13 @@ def build_providers(settings: Settings, chain: Sequence[ModelRef]) -> dict[str, 
 
 
 def env_keys() -> frozenset[str]:
-    """Which settings came from the environment (for `sources` in /admin/flags)."""
-    return frozenset(name for name in Settings.model_fields if name.upper() in os.environ)
+    """Which settings came from the environment or `.env` (for `sources` in /admin/flags)."""
+    dotenv = {key.upper() for key in dotenv_values(Settings.model_config.get("env_file"))}
+    return frozenset(
+        name
+        for name in Settings.model_fields
+        if name.upper() in os.environ or name.upper() in dotenv
+    )
 
 
 def create_services(
