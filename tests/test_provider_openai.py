@@ -320,6 +320,9 @@ async def test_connection_refused_is_transient(closed_port: int, streaming: bool
     finally:
         await provider.aclose()
     assert error.kind is ErrorKind.TRANSIENT
+    # The message may reach a client: it names what failed, never the upstream's address.
+    assert error.message.endswith("could not connect to the upstream")
+    assert "127.0.0.1" not in error.message and str(closed_port) not in error.message
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["json", "stream"])

@@ -92,8 +92,19 @@ def transport_error(exc: BaseException, *, phase: str) -> ProviderError:
             ErrorKind.TRANSIENT, f"timeout {phase}", error_type="timeout", retryable=False
         )
     name = type(exc).__name__
-    detail = str(exc) or name
-    return ProviderError(ErrorKind.TRANSIENT, f"{phase}: {detail}", error_type=name)
+    return ProviderError(ErrorKind.TRANSIENT, f"{phase}: {_describe(exc)}", error_type=name)
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in words a client may see: aiohttp's own text can carry upstream
+    addresses and parser internals, which belong in no error body."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "could not connect to the upstream"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | ConnectionResetError):
+        return "the upstream closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the upstream response was cut short"
+    return f"connection error ({type(exc).__name__})"
 
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ConnectionError)
