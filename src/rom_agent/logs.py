@@ -40,11 +40,28 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # Third-party stdlib loggers (uvicorn's errors, asyncio) go to stderr at the same level.
-    logging.basicConfig(
-        level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    # Third-party stdlib loggers (uvicorn, asyncio) go through the same processors, so a JSON
+    # log stays one JSON object per line whoever wrote it.
+    if fmt == "console":
+        stdlib_renderer: structlog.typing.Processor = renderer
+    else:
+        stdlib_renderer = structlog.processors.JSONRenderer(
+            serializer=lambda event, **_: orjson.dumps(event).decode()
+        )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                stdlib_renderer,
+            ],
+        )
     )
-    logging.getLogger().setLevel(numeric)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
