@@ -92,7 +92,6 @@ class ServiceProcess:
         self._env = {**os.environ, **env, "PORT": str(self.port), "HOST": "127.0.0.1"}
         self._cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
-        self.started_in_s: float | None = None
         self.log_path = cwd / f"service-{self.port}.log"
         self._log = self.log_path.open("ab")
 
@@ -111,7 +110,6 @@ class ServiceProcess:
                 raise RuntimeError(self.log_path.read_text())
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    self.started_in_s = time.monotonic() - started
                     return self
             except httpx.TransportError:
                 time.sleep(0.02)  # polling for startup, not timing behaviour

@@ -603,3 +603,21 @@ def test_a_client_leaving_before_the_first_chunk_frees_everything(
         assert fake.cancelled == 1
         assert len(fake.requests_for("backup")) == 0
         assert breaker_failures(app.services, "primary") == 0
+
+
+def test_a_message_over_the_limit_is_refused_before_any_upstream_call(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    prime(fake)
+    with gateway(tmp_path, fake, max_message_chars=10) as app:
+        client = sdk(app.url)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="primary", messages=[{"role": "user", "content": "x" * 11}]
+            )
+        assert "messages[0]: content exceeds 10 characters" in str(caught.value)
+        ok = client.chat.completions.create(
+            model="primary", messages=[{"role": "user", "content": "x" * 10}]
+        )
+        assert ok.choices[0].message.content
+    assert len(fake.requests_for("primary")) == 1

@@ -71,15 +71,6 @@ def test_bad_configuration_stops_the_process_naming_the_variable(tmp_path: Path)
     assert "MAX_QUEUE" in result.stderr
 
 
-def test_startup_time_is_reported(tmp_path: Path) -> None:
-    service = ServiceProcess(env_for(tmp_path), tmp_path).start()
-    try:
-        assert service.started_in_s is not None
-        print(f"\nserve -> first 200 on /health: {service.started_in_s:.2f} s")
-    finally:
-        service.stop()
-
-
 def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path) -> None:
     env = env_for(tmp_path, SIMULATOR_LATENCY_MS="1500", ENABLE_BOTTLENECK="true")
     service = ServiceProcess(env, tmp_path).start()

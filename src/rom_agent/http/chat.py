@@ -82,7 +82,7 @@ async def prepare_turn(request: Request, services: Services, raw: bytes) -> Chat
         text=chat_input.text,
         conversation_id=chat_input.conversation_id or new_conversation_id(),
         chain=chat_input.chain,
-        deadline=services.clock.now() + settings.request_timeout_s,
+        deadline=services.pipeline.new_deadline(),
         fault=fault,
     )
 

@@ -70,8 +70,16 @@ def completion_id() -> str:
 # --------------------------------------------------------------------------- request mapping
 
 
-def _text_of(content: Any, where: str) -> str:
-    """OpenAI message content: a string, or a list of parts of which we take the text."""
+def _text_of(content: Any, where: str, max_chars: int) -> str:
+    """OpenAI message content: a string, or a list of parts of which we take the text; at
+    most `max_chars` (MAX_MESSAGE_CHARS) per message, as on `/api/chat`."""
+    text = _content_text(content, where)
+    if len(text) > max_chars:
+        raise invalid(f"{where}: content exceeds {max_chars} characters")
+    return text
+
+
+def _content_text(content: Any, where: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -105,7 +113,7 @@ def _tool_uses(calls: Any, where: str) -> list[ContentBlock]:
     return blocks
 
 
-def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
+def parse_messages(raw: Any, max_chars: int) -> tuple[str | None, list[Message]]:
     """OpenAI messages → (system prompt, our messages). Tool results join one user turn."""
     if not isinstance(raw, list) or not raw:
         raise invalid("'messages' must be a non-empty list")
@@ -124,18 +132,18 @@ def parse_messages(raw: Any) -> tuple[str | None, list[Message]]:
             raise invalid(f"{where} must be an object")
         role = item.get("role")
         if role in ("system", "developer"):
-            system.append(_text_of(item.get("content"), where))
+            system.append(_text_of(item.get("content"), where, max_chars))
         elif role == "tool":
-            result = _text_of(item.get("content"), where)
+            result = _text_of(item.get("content"), where, max_chars)
             pending_results.append(ToolResultBlock(str(item.get("tool_call_id", "")), result))
         elif role == "user":
             flush_results()
-            text = _text_of(item.get("content"), where)
+            text = _text_of(item.get("content"), where, max_chars)
             messages.append(Message("user", (TextBlock(text),)))
         elif role == "assistant":
             flush_results()
             blocks: list[ContentBlock] = []
-            text = _text_of(item.get("content"), where)
+            text = _text_of(item.get("content"), where, max_chars)
             if text:
                 blocks.append(TextBlock(text))
             if item.get("tool_calls"):
@@ -195,9 +203,7 @@ def _number(data: dict[str, Any], key: str, kind: type, low: float, high: float)
 
 def build_call(data: dict[str, Any], services: Services, fault_header: str | None) -> ModelCall:
     settings = services.flags.current
-    system, messages = parse_messages(data.get("messages"))
-    if sum(len(m.plain_text) for m in messages) > settings.max_message_chars * 10:
-        raise invalid("'messages' exceed the input limit")
+    system, messages = parse_messages(data.get("messages"), settings.max_message_chars)
     max_tokens = _number(data, "max_completion_tokens", int, 1, 1_000_000) or _number(
         data, "max_tokens", int, 1, 1_000_000
     )
@@ -209,7 +215,7 @@ def build_call(data: dict[str, Any], services: Services, fault_header: str | Non
     return ModelCall(
         messages=messages,
         chain=parse_chain(data, services),
-        deadline=services.clock.now() + settings.request_timeout_s,
+        deadline=services.pipeline.new_deadline(),
         system=system,
         tools=parse_tools(data.get("tools")),
         fault=fault,

@@ -67,9 +67,6 @@ class StoredMessage:
     model: str | None
     created_at: str
 
-    def to_message(self) -> Message:
-        return Message(self.role, tuple(_decode_block(block) for block in self.content))  # type: ignore[arg-type]
-
     def to_dict(self) -> dict[str, Any]:
         text = "".join(b["text"] for b in self.content if b["type"] == "text")
         return {
