@@ -478,7 +478,10 @@ async def test_stream_without_message_stop_is_not_a_clean_end(
     events, error = await collect_until_error(bedrock_provider.stream(ask()))
     assert text_of(events) == "one two"
     assert not any(isinstance(e, StopEvent) for e in events)
-    assert (error.kind, error.message) == (ErrorKind.TRANSIENT, "stream ended without terminator")
+    assert (error.kind, error.message) == (
+        ErrorKind.TRANSIENT,
+        "the stream ended without messageStop",
+    )
 
 
 async def test_stalled_stream_times_out(

@@ -27,7 +27,8 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
-from rom_agent.providers.openai import OpenAIProvider, StreamDecoder, iter_sse_batches
+from rom_agent.providers.openai import NO_FINISH, OpenAIProvider, iter_sse_batches
+from rom_agent.providers.openai_wire import StreamAccumulator
 from tests.fakes import (
     BEHAVIOUR_HEADER,
     DUMMY_API_KEY,
@@ -206,7 +207,7 @@ def _sse_chunk(text: str) -> bytes:
 
 
 def test_text_that_arrived_together_travels_together() -> None:
-    decoder = StreamDecoder()
+    decoder = StreamAccumulator()
     together = list(decoder.handle_batch([_sse_chunk("One"), _sse_chunk(" two")]))
     apart = [*decoder.handle_batch([_sse_chunk(" three")]), *decoder.handle_batch([b"[DONE]"])]
     assert together == [TextDelta("One two")]
@@ -215,7 +216,7 @@ def test_text_that_arrived_together_travels_together() -> None:
 
 
 def test_text_decoded_before_a_bad_chunk_is_delivered_first() -> None:
-    events = StreamDecoder().handle_batch([_sse_chunk("One"), _sse_chunk(" two"), b"{broken"])
+    events = StreamAccumulator().handle_batch([_sse_chunk("One"), _sse_chunk(" two"), b"{broken"])
     assert next(events) == TextDelta("One two")
     with pytest.raises(orjson.JSONDecodeError):
         next(events)
@@ -352,7 +353,7 @@ async def test_stream_without_done_is_not_a_clean_end(
     events, error = await collect_until_error(openai_provider.stream(ask()))
     assert text_of(events) == "one two"
     assert not any(isinstance(e, StopEvent) for e in events)
-    assert (error.kind, error.message) == (ErrorKind.TRANSIENT, "stream ended without terminator")
+    assert (error.kind, error.message) == (ErrorKind.TRANSIENT, NO_FINISH)
 
 
 async def test_stalled_stream_times_out(

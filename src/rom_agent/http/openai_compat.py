@@ -26,41 +26,27 @@ from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
 from rom_agent.providers.base import (
     ChatResponse,
-    ContentBlock,
     Message,
     ModelRef,
     StopEvent,
-    TextBlock,
     TextDelta,
-    ToolResultBlock,
     ToolSpec,
-    ToolUseBlock,
     ToolUseEvent,
-    Usage,
     UsageEvent,
+)
+from rom_agent.providers.openai_wire import (
+    ChunkWriter,
+    WireFormatError,
+    completion_json,
+    messages_of,
+    sse,
+    tools_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
 from rom_agent.resilience.pipeline import ModelCall, StreamStart
 
 router = APIRouter()
 log = get_logger("rom_agent.http.openai_compat")
-
-_FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop": "stop",
-    "stop_sequence": "stop",
-    "tool_use": "tool_calls",
-    "tool_calls": "tool_calls",
-    "max_tokens": "length",
-    "length": "length",
-    "content_filtered": "content_filter",
-    "content_filter": "content_filter",
-    "guardrail_intervened": "content_filter",
-}
-
-
-def finish_reason(stop_reason: str) -> str:
-    return _FINISH_REASONS.get(stop_reason, "stop")
 
 
 def completion_id() -> str:
@@ -70,111 +56,18 @@ def completion_id() -> str:
 # --------------------------------------------------------------------------- request mapping
 
 
-def _text_of(content: Any, where: str, max_chars: int) -> str:
-    """OpenAI message content: a string, or a list of parts of which we take the text; at
-    most `max_chars` (MAX_MESSAGE_CHARS) per message, as on `/api/chat`."""
-    text = _content_text(content, where)
-    if len(text) > max_chars:
-        raise invalid(f"{where}: content exceeds {max_chars} characters")
-    return text
-
-
-def _content_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise invalid(f"{where}: only text content parts are supported")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise invalid(f"{where}: a text part needs a string 'text'")
-            texts.append(text)
-        return "".join(texts)
-    raise invalid(f"{where}: content must be a string or a list of parts")
-
-
-def _tool_uses(calls: Any, where: str) -> list[ContentBlock]:
-    if not isinstance(calls, list):
-        raise invalid(f"{where}: tool_calls must be a list")
-    blocks: list[ContentBlock] = []
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"{where}: each tool call needs function.name")
-        try:
-            arguments = orjson.loads(function.get("arguments") or "{}")
-        except orjson.JSONDecodeError:
-            raise invalid(f"{where}: function.arguments must be a JSON string") from None
-        blocks.append(ToolUseBlock(str(call.get("id", "")), function["name"], arguments))
-    return blocks
-
-
 def parse_messages(raw: Any, max_chars: int) -> tuple[str | None, list[Message]]:
-    """OpenAI messages → (system prompt, our messages). Tool results join one user turn."""
-    if not isinstance(raw, list) or not raw:
-        raise invalid("'messages' must be a non-empty list")
-    system: list[str] = []
-    messages: list[Message] = []
-    pending_results: list[ContentBlock] = []
-
-    def flush_results() -> None:
-        if pending_results:
-            messages.append(Message("user", tuple(pending_results)))
-            pending_results.clear()
-
-    for index, item in enumerate(raw):
-        where = f"messages[{index}]"
-        if not isinstance(item, dict):
-            raise invalid(f"{where} must be an object")
-        role = item.get("role")
-        if role in ("system", "developer"):
-            system.append(_text_of(item.get("content"), where, max_chars))
-        elif role == "tool":
-            result = _text_of(item.get("content"), where, max_chars)
-            pending_results.append(ToolResultBlock(str(item.get("tool_call_id", "")), result))
-        elif role == "user":
-            flush_results()
-            text = _text_of(item.get("content"), where, max_chars)
-            messages.append(Message("user", (TextBlock(text),)))
-        elif role == "assistant":
-            flush_results()
-            blocks: list[ContentBlock] = []
-            text = _text_of(item.get("content"), where, max_chars)
-            if text:
-                blocks.append(TextBlock(text))
-            if item.get("tool_calls"):
-                blocks.extend(_tool_uses(item["tool_calls"], where))
-            messages.append(Message("assistant", tuple(blocks)))
-        else:
-            raise invalid(f"{where}: unknown role {role!r}")
-    flush_results()
-    if not messages:
-        raise invalid("'messages' needs at least one user message")
-    return ("\n\n".join(system) or None), messages
+    try:
+        return messages_of(raw, max_chars)
+    except WireFormatError as exc:
+        raise invalid(str(exc)) from None
 
 
 def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise invalid("'tools' must be a list")
-    specs = []
-    for index, tool in enumerate(raw):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise invalid(f"tools[{index}]: needs function.name")
-        specs.append(
-            ToolSpec(
-                function["name"],
-                str(function.get("description", "")),
-                function.get("parameters") or {"type": "object", "properties": {}},
-            )
-        )
-    return tuple(specs)
+    try:
+        return tools_of(raw)
+    except WireFormatError as exc:
+        raise invalid(str(exc)) from None
 
 
 def parse_chain(data: dict[str, Any], services: Services) -> tuple[ModelRef, ...]:
@@ -227,45 +120,8 @@ def build_call(data: dict[str, Any], services: Services, fault_header: str | Non
 # --------------------------------------------------------------------------- responses
 
 
-def _tool_call_json(block: ToolUseBlock, index: int | None = None) -> dict[str, Any]:
-    call: dict[str, Any] = {
-        "id": block.id,
-        "type": "function",
-        "function": {"name": block.name, "arguments": orjson.dumps(block.input).decode()},
-    }
-    if index is not None:
-        call["index"] = index
-    return call
-
-
-def _usage_json(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
 def completion_body(response: ChatResponse, model: str) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": response.text or None}
-    tool_uses = response.tool_uses
-    if tool_uses:
-        message["tool_calls"] = [_tool_call_json(block) for block in tool_uses]
-    return {
-        "id": completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason(response.stop_reason),
-                "logprobs": None,
-            }
-        ],
-        "usage": _usage_json(response.usage),
-    }
+    return completion_json(response, model, completion_id(), int(time.time()))
 
 
 def _error_response(error: ApiError) -> Response:
@@ -328,19 +184,6 @@ async def chat_completions(request: Request) -> Response:
             permit.release()
 
 
-def _chunk(
-    cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None
-) -> bytes:
-    body = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
-    return b"data: " + orjson.dumps(body) + b"\n\n"
-
-
 class CompletionStream(PermitStream):
     """The streamed completion, with its status line held back until the commit point.
 
@@ -377,47 +220,25 @@ async def completion_chunks(
     after the first chunk becomes an error chunk and the stream closes without `[DONE]`, so
     no client mistakes a cut answer for a complete one.
     """
-    cid, created = completion_id(), int(time.time())
     items = services.pipeline.stream(call)
     try:
         start = await anext(items)  # the commit point; pipeline errors propagate from here
         assert isinstance(start, StreamStart), "a committed stream starts with StreamStart"
-        model = start.model.id
-        # The role chunk rides with the first content chunk (which follows StreamStart at
-        # once): one write instead of two. Likewise the finish, usage and [DONE] below.
-        head = _chunk(cid, created, model, {"role": "assistant", "content": ""})
-        usage = Usage()
+        writer = ChunkWriter(completion_id(), int(time.time()), start.model.id)
         stop_reason = "end_turn"
-        tool_index = 0
         try:
             async for item in items:
                 if isinstance(item, TextDelta):
-                    yield head + _chunk(cid, created, model, {"content": item.text})
-                    head = b""
+                    yield writer.text(item.text)
                 elif isinstance(item, ToolUseEvent):
-                    delta = {"tool_calls": [_tool_call_json(item.tool_use, tool_index)]}
-                    tool_index += 1
-                    yield head + _chunk(cid, created, model, delta)
-                    head = b""
+                    yield writer.tool_use(item.tool_use)
                 elif isinstance(item, UsageEvent):
-                    usage = item.usage
+                    writer.add_usage(item.usage)
                 elif isinstance(item, StopEvent):
                     stop_reason = item.stop_reason
         except Exception as exc:
-            yield head + b"data: " + orjson.dumps(openai_error_payload(_api_error(exc))) + b"\n\n"
+            yield writer.pending_head() + sse(openai_error_payload(_api_error(exc)))
             return
-        tail = [head, _chunk(cid, created, model, {}, finish_reason(stop_reason))]
-        if include_usage:
-            body = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": _usage_json(usage),
-            }
-            tail.append(b"data: " + orjson.dumps(body) + b"\n\n")
-        tail.append(b"data: [DONE]\n\n")
-        yield b"".join(tail)
+        yield writer.finish(stop_reason, include_usage)
     finally:
         await items.aclose()

@@ -144,8 +144,17 @@ class ErrorKind(enum.StrEnum):
     REQUEST = "request"  # the request itself is invalid; returned to the client as is
 
 
+# Upstream text kept for the log line of the attempt: enough to diagnose, bounded.
+DETAIL_MAX_CHARS = 1000
+
+
 class ProviderError(Exception):
-    """A failed upstream call, classified. The resilience layers look at nothing else."""
+    """A failed upstream call, classified. The resilience layers look at nothing else.
+
+    `message` is ours and may reach clients: it never quotes the upstream. What the upstream
+    said (its error body, which can hold URLs, account ids or key fragments) is `detail`,
+    bounded, for the operator's log line only.
+    """
 
     def __init__(
         self,
@@ -156,6 +165,7 @@ class ProviderError(Exception):
         error_type: str | None = None,
         retry_after_s: float | None = None,
         retryable: bool | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -163,6 +173,7 @@ class ProviderError(Exception):
         self.status = status
         self.error_type = error_type
         self.retry_after_s = retry_after_s
+        self.detail = detail[:DETAIL_MAX_CHARS] if detail else None
         # Injected drill faults are transient (counted, fall back) but not retried.
         self.retryable = kind is ErrorKind.TRANSIENT if retryable is None else retryable
 

@@ -40,16 +40,15 @@ from rom_agent.providers.base import (
     classify_status,
     parse_retry_after,
 )
-from rom_agent.providers.http import (
-    TRANSPORT_ERRORS,
+from rom_agent.providers.transport import (
+    HttpProvider,
+    PreparedCall,
     SessionHolder,
-    call_timeout,
+    StreamDecoding,
     is_content_filtered,
     is_context_overflow,
     mentions,
     stream_cut,
-    stream_timeout,
-    transport_error,
 )
 
 if TYPE_CHECKING:
@@ -97,7 +96,7 @@ def default_credentials() -> Credentials | None:
     return botocore.session.Session().get_credentials()
 
 
-class BedrockProvider:
+class BedrockProvider(HttpProvider):
     """`complete()` = Converse, `stream()` = ConverseStream. One call, one HTTP request."""
 
     name = "bedrock"
@@ -123,72 +122,20 @@ class BedrockProvider:
     def from_settings(cls, settings: Settings) -> BedrockProvider:
         return cls(region=settings.aws_region, endpoint_url=settings.bedrock_endpoint_url)
 
-    # ------------------------------------------------------------------ calls
+    # ------------------------------------------------------------------ the template
 
-    async def complete(self, request: ChatRequest) -> ChatResponse:
-        url, body, headers = await self._prepare(request, stream=False)
-        try:
-            async with self._session.get().post(
-                URL(url, encoded=True),
-                data=body,
-                headers=headers,
-                timeout=call_timeout(request.timeout_s),
-            ) as response:
-                if response.status != 200:
-                    raise await _error_from_response(response)
-                raw = await response.read()
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, phase="calling bedrock") from exc
+    def decode(self, request: ChatRequest, raw: bytes) -> ChatResponse:
         return decode_response(request.model, raw)
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        url, body, headers = await self._prepare(request, stream=True)
-        decoder = StreamDecoder()
-        phase = "calling bedrock"
-        try:
-            async with self._session.get().post(
-                URL(url, encoded=True),
-                data=body,
-                headers=headers,
-                timeout=stream_timeout(request.timeout_s),
-            ) as response:
-                if response.status != 200:
-                    raise await _error_from_response(response)
-                phase = "reading stream"
-                # botocore reassembles frames from aiohttp's arbitrary chunks and checks CRCs.
-                frames = EventStreamBuffer()
-                async for chunk in response.content.iter_any():
-                    frames.add_data(chunk)
-                    for message in frames:
-                        event = decoder.handle(message)
-                        if event is not None:
-                            yield event
-                    if decoder.complete:
-                        break  # metadata after messageStop: nothing else is coming
-        except TRANSPORT_ERRORS as exc:
-            # After messageStop the answer is whole; only the trailing metadata frame is lost.
-            if decoder.stop_reason is None:
-                raise transport_error(exc, phase=phase) from exc
-        except (ParserError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            # Bad CRC, bad framing or an event payload that is not what Converse sends.
-            raise ProviderError(
-                ErrorKind.TRANSIENT,
-                f"malformed event stream: {type(exc).__name__}: {exc}",
-                error_type="malformed_stream",
-            ) from exc
-        if decoder.stop_reason is None:
-            raise stream_cut()
-        yield UsageEvent(decoder.usage)
-        yield StopEvent(decoder.stop_reason)
+    async def read_error(self, response: aiohttp.ClientResponse) -> ProviderError:
+        return await _error_from_response(response)
 
-    async def aclose(self) -> None:
-        await self._session.aclose()
+    def stream_decoding(self, request: ChatRequest) -> StreamDecoding:
+        return EventStreamDecoding()
 
     # ------------------------------------------------------------------ signing
 
-    async def _prepare(
-        self, request: ChatRequest, *, stream: bool
-    ) -> tuple[str, bytes, dict[str, str]]:
+    async def prepare(self, request: ChatRequest, *, stream: bool) -> PreparedCall:
         urls = self._urls.get(request.model)
         if urls is None:
             base = f"{self._endpoint}/model/{quote(request.model, safe='')}"
@@ -205,7 +152,7 @@ class BedrockProvider:
             },
         )
         SigV4Auth(await self._frozen_credentials(), _SERVICE, self._region).add_auth(aws_request)
-        return url, body, dict(aws_request.headers.items())
+        return PreparedCall(URL(url, encoded=True), body, dict(aws_request.headers.items()))
 
     async def _frozen_credentials(self) -> ReadOnlyCredentials:
         credentials = self._credentials
@@ -337,6 +284,39 @@ def _check_stop_reason(stop_reason: str) -> None:
             "answer blocked by the model's content filter",
             error_type="content_filtered",
         )
+
+
+class EventStreamDecoding(StreamDecoding):
+    """A ConverseStream body: botocore reassembles eventstream frames from aiohttp's
+    arbitrary chunks and checks their CRCs; a bad frame is a malformed stream."""
+
+    malformed = (ParserError, *StreamDecoding.malformed)
+
+    def __init__(self) -> None:
+        self.decoder = StreamDecoder()
+
+    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamEvent]:
+        decoder = self.decoder
+        frames = EventStreamBuffer()
+        async for chunk in response.content.iter_any():
+            frames.add_data(chunk)
+            for message in frames:
+                event = decoder.handle(message)
+                if event is not None:
+                    yield event
+            if decoder.complete:
+                break  # metadata after messageStop: nothing else is coming
+
+    @property
+    def answer_complete(self) -> bool:
+        # After messageStop the answer is whole; only the trailing metadata can be lost.
+        return self.decoder.stop_reason is not None
+
+    def ending(self) -> list[StreamEvent]:
+        decoder = self.decoder
+        if decoder.stop_reason is None:
+            raise stream_cut("the stream ended without messageStop")
+        return [UsageEvent(decoder.usage), StopEvent(decoder.stop_reason)]
 
 
 class StreamDecoder:

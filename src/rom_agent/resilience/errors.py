@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rom_agent.providers.base import ErrorKind, ProviderError
-from rom_agent.providers.http import is_content_filtered, is_context_overflow
+from rom_agent.providers.transport import is_content_filtered, is_context_overflow
 
 # --------------------------------------------------------------------------- reasons
 

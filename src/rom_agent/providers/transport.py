@@ -1,4 +1,5 @@
-"""Shared plumbing of the HTTP providers: one pooled aiohttp session, timeouts, error mapping.
+"""The HTTP providers' template and plumbing: one pooled aiohttp session, timeouts, the
+post → status → decode → cut skeleton every HTTP provider shares (`HttpProvider`).
 
 Providers own exactly one `ClientSession` each, created lazily inside the running loop. The
 connector has no connection cap (`limit=0`): concurrency is bounded by our admission control,
@@ -8,12 +9,22 @@ never by a hidden pool queue. aiohttp does not retry POSTs, and nothing here ret
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from yarl import URL
 
-from rom_agent.providers.base import ErrorKind, ProviderError
+from rom_agent.providers.base import (
+    ChatRequest,
+    ChatResponse,
+    ErrorKind,
+    ProviderError,
+    StreamEvent,
+)
 
 # Used when a request carries no `timeout_s`; the resilience layer normally always sets one.
 DEFAULT_TIMEOUT_S = 60.0
@@ -109,11 +120,11 @@ def _describe(exc: BaseException) -> str:
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
-STREAM_CUT = "stream ended without terminator"
+STREAM_CUT = "the stream ended before the answer was complete"
 
 
-def stream_cut() -> ProviderError:
-    return ProviderError(ErrorKind.TRANSIENT, STREAM_CUT, error_type="stream_cut")
+def stream_cut(message: str = STREAM_CUT) -> ProviderError:
+    return ProviderError(ErrorKind.TRANSIENT, message, error_type="stream_cut")
 
 
 def mentions(message: str, markers: Iterable[str]) -> bool:
@@ -127,3 +138,111 @@ def is_context_overflow(message: str) -> bool:
 
 def is_content_filtered(message: str) -> bool:
     return mentions(message, _CONTENT_FILTER_MARKERS)
+
+
+# --------------------------------------------------------------------------- the template
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCall:
+    """One upstream HTTP request, ready to send."""
+
+    url: URL
+    body: bytes
+    headers: Mapping[str, str] | None = None
+
+
+class StreamDecoding(ABC):
+    """How one provider reads one streamed answer (a fresh object per stream)."""
+
+    # Exceptions meaning "the upstream sent something that is not its protocol".
+    malformed: tuple[type[BaseException], ...] = (
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    )
+
+    @abstractmethod
+    def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamEvent]:
+        """The content events of the body, up to the protocol's end (not the ending)."""
+
+    @property
+    @abstractmethod
+    def answer_complete(self) -> bool:
+        """The terminator was seen: a transport error after it loses nothing."""
+
+    @abstractmethod
+    def ending(self) -> list[StreamEvent]:
+        """`UsageEvent` and `StopEvent` once the body ended; raises a stream cut if the
+        answer was not complete."""
+
+
+class HttpProvider(ABC):
+    """One call = one HTTP POST. Subclasses say how to build it and how to read answers."""
+
+    name: str
+    _session: SessionHolder
+
+    @abstractmethod
+    async def prepare(self, request: ChatRequest, *, stream: bool) -> PreparedCall: ...
+
+    @abstractmethod
+    async def read_error(self, response: aiohttp.ClientResponse) -> ProviderError:
+        """A non-200 response → the classified error."""
+
+    @abstractmethod
+    def decode(self, request: ChatRequest, raw: bytes) -> ChatResponse: ...
+
+    @abstractmethod
+    def stream_decoding(self, request: ChatRequest) -> StreamDecoding: ...
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        call = await self.prepare(request, stream=False)
+        try:
+            async with self._session.get().post(
+                call.url,
+                data=call.body,
+                headers=call.headers,
+                timeout=call_timeout(request.timeout_s),
+            ) as response:
+                if response.status != 200:
+                    raise await self.read_error(response)
+                raw = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, phase=f"calling {self.name}") from exc
+        return self.decode(request, raw)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        call = await self.prepare(request, stream=True)
+        decoding = self.stream_decoding(request)
+        phase = f"calling {self.name}"
+        try:
+            async with self._session.get().post(
+                call.url,
+                data=call.body,
+                headers=call.headers,
+                timeout=stream_timeout(request.timeout_s),
+            ) as response:
+                if response.status != 200:
+                    raise await self.read_error(response)
+                phase = "reading stream"
+                async with aclosing(decoding.events(response)) as events:
+                    async for event in events:
+                        yield event
+        except TRANSPORT_ERRORS as exc:
+            if not decoding.answer_complete:  # after the terminator nothing can be lost
+                raise transport_error(exc, phase=phase) from exc
+        except decoding.malformed as exc:
+            raise ProviderError(
+                ErrorKind.TRANSIENT,
+                f"malformed stream from {self.name} ({type(exc).__name__})",
+                error_type="malformed_stream",
+                detail=str(exc),
+            ) from exc
+        for event in decoding.ending():
+            yield event
+
+    async def aclose(self) -> None:
+        await self._session.aclose()
