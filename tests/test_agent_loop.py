@@ -45,10 +45,12 @@ class Recorder:
     def __init__(self, sim: SimulatorProvider | None = None) -> None:
         self.sim = sim or SimulatorProvider()
         self.offered: list[tuple[str, ...]] = []
+        self.sent: list[tuple[Message, ...]] = []
         self.turns: list[Turn] = []
 
     async def __call__(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Turn:
         self.offered.append(tuple(spec.name for spec in tools))
+        self.sent.append(tuple(messages))
         response = await self.sim.complete(ChatRequest(MODEL, messages, tools=tools))
         self.turns.append(Turn(response))
         return self.turns[-1]
@@ -230,8 +232,9 @@ async def test_max_agent_turns_asks_for_a_final_answer_without_tools() -> None:
     assert result.stop_reason == "max_turns"
     assert model.offered == [("calcular",), ("calcular",), ()]
     assert len(result.tools_used) == 10
-    note = result.new_messages[-2].content[-1]
+    note = model.sent[-1][-1].content[-1]
     assert isinstance(note, TextBlock) and "limite de etapas" in note.text
+    assert_stored_turn_is_whole(result)
     assert result.text.startswith("SIM_TOOLS:calcular*30: pedi 10 chamada(s)")
     assert result.guardrail is None  # a loop bound, not a guardrail: present in every mode
 
@@ -282,5 +285,17 @@ async def test_a_guardrail_stop_offers_no_tools_on_the_final_turn(mode: str) -> 
 
     assert model.offered == [("calcular",), ()]
     assert result.stop_reason == "hard_limit"
-    note = result.new_messages[-2].content[-1]
+    note = model.sent[-1][-1].content[-1]
     assert isinstance(note, TextBlock) and "Não chame mais ferramentas" in note.text
+    assert_stored_turn_is_whole(result)
+
+
+def assert_stored_turn_is_whole(result: AgentResult[Turn]) -> None:
+    """What is stored: tool uses each followed by their results only, then the answer. The
+    note asking for a final answer was for that run's model, not part of the conversation."""
+    stored = result.new_messages
+    assert [m.role for m in stored] == ["assistant", "user"] * (len(stored) // 2) + ["assistant"]
+    for request, reply in zip(stored[:-1:2], stored[1::2], strict=True):
+        uses = [b.id for b in request.content if isinstance(b, ToolUseBlock)]
+        assert [b.tool_use_id for b in reply.content] == uses
+        assert all(isinstance(b, ToolResultBlock) for b in reply.content)

@@ -49,6 +49,9 @@ class FakeOpenAI(FakeUpstream):
     ) -> web.StreamResponse:
         if behaviour.status != 200:
             return await self._error(request, behaviour)
+        misplaced = _misplaced_tool_message(payload)
+        if misplaced is not None:
+            return await self._error(request, _rejected_tool_message(misplaced))
         model = payload.get("model", "fake-model")
         stream = bool(payload.get("stream"))
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
@@ -161,6 +164,33 @@ def _error_body(behaviour: Behaviour) -> dict[str, Any]:
         "param": None,
         "code": behaviour.error_type,
     }
+
+
+def _misplaced_tool_message(payload: Any) -> int | None:
+    """The index of the first `tool` message that does not answer a tool call of the assistant
+    message before it (only other tool messages in between), as real OpenAI checks."""
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    pending: set[str] = set()
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            if message.get("tool_call_id") not in pending:
+                return index
+        else:
+            calls = message.get("tool_calls") if role == "assistant" else None
+            pending = {call.get("id") for call in calls or ()}
+    return None
+
+
+def _rejected_tool_message(index: int) -> Behaviour:
+    """Real OpenAI's 400 for a tool message without its tool call (text verbatim)."""
+    return Behaviour(
+        status=400,
+        message=(
+            "Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+            f"message with 'tool_calls'. (messages.[{index}].role)"
+        ),
+    )
 
 
 def _finish_reason(behaviour: Behaviour) -> str:

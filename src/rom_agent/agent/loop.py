@@ -8,7 +8,8 @@ needs the turn's `.response` and hands the last turn back so the caller can read
 
 Ending tool use — by a guardrail or by the turn cap — is never an error: the model gets one
 more turn with no tools offered and a short note asking for its final answer, and the run
-returns normally with the reason.
+returns normally with the reason. The note is sent, never stored: the stored turn is the user's
+message, each tool use with its results, and the answer.
 """
 
 from __future__ import annotations
@@ -152,10 +153,15 @@ class AgentLoop:
                 ToolResultBlock(call.id, _NOT_RUN, is_error=True) for call in calls[admitted:]
             ]
             stop = guard.stop_reason or ("max_turns" if turns + 1 >= max_turns else None)
-            note = (TextBlock(_NUDGE[stop] + _NUDGE_TAIL),) if stop else ()
-            reply = Message("user", (*results, *skipped, *note))
-            transcript += (request, reply)
+            reply = Message("user", (*results, *skipped))
             appended += (request, reply)
+            if stop:
+                # The note is for this run's model only: stored, it would sit in every later
+                # window as if the user had written it, telling the model not to use tools.
+                note = TextBlock(_NUDGE[stop] + _NUDGE_TAIL)
+                transcript += (request, Message("user", (*reply.content, note)))
+            else:
+                transcript += (request, reply)
 
     async def _execute(self, calls: Sequence[ToolUseBlock]) -> list[ToolResultBlock]:
         """Run one turn's calls concurrently; results in the order of the calls."""

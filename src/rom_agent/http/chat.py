@@ -143,11 +143,9 @@ async def chat_events(
         try:
             outcome = await services.chat.chat(turn, on_text=on_text)
             done = outcome.to_dict()
-            done.update(
-                type="done",
-                content="".join(streamed) or outcome.response,
-                model=outcome.model_used,
-            )
+            # `content` is the final answer, as stored and as `response`: the chunks also
+            # carried the text of earlier model turns (before tool calls), which is not.
+            done.update(type="done", content=outcome.response, model=outcome.model_used)
             events.put_nowait(sse(done))
         except Exception as exc:  # every failure becomes an in-band error event
             error = to_api_error(exc)

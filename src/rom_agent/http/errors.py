@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from rom_agent.resilience.bottleneck import AdmissionRejected
 from rom_agent.resilience.errors import CircuitOpenError, PipelineError
+from rom_agent.store.database import DatabaseClosedError
 
 
 class ApiError(Exception):
@@ -53,6 +54,8 @@ def to_api_error(exc: Exception) -> ApiError:
         )
     if isinstance(exc, PipelineError):
         return ApiError(exc.status, exc.code, exc.message)
+    if isinstance(exc, DatabaseClosedError):  # shutting down: the turn was not stored
+        return ApiError(503, "UNAVAILABLE", "service is shutting down; retry the request")
     return ApiError(500, "INTERNAL", "internal error")
 
 

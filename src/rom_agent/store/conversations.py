@@ -82,16 +82,29 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def trim_history(messages: Sequence[Message], limit: int) -> list[Message]:
-    """The last `limit` messages, starting at a user text turn.
+def is_user_turn(message: Message) -> bool:
+    """A message the user wrote: text and no tool results (those travel in `user` messages
+    too, but belong to the assistant turn before them)."""
+    return (
+        message.role == "user"
+        and bool(message.plain_text)
+        and not any(isinstance(block, ToolResultBlock) for block in message.content)
+    )
 
-    A window that began with a tool result (or an assistant turn) would be rejected by
-    providers, which require tool results to follow their tool use.
+
+def trim_history(messages: Sequence[Message], limit: int) -> list[Message]:
+    """The last `limit` messages at most, starting at a user turn.
+
+    A window that began with a tool result or an assistant turn would be rejected by the
+    providers (OpenAI: a first message of role `tool`; Bedrock: a toolResult without its
+    toolUse). Starting at a user turn also keeps every tool use with its result: a stored turn
+    is whole (user turn … final answer), so a window cut at a turn boundary splits no pair.
     """
-    window = list(messages[-limit:])
-    while window and not (window[0].role == "user" and window[0].plain_text):
-        window.pop(0)
-    return window
+    window = messages[-limit:] if limit > 0 else ()
+    for start, message in enumerate(window):
+        if is_user_turn(message):
+            return list(window[start:])
+    return []
 
 
 class ConversationStore:

@@ -30,6 +30,13 @@ _STOP = object()
 _MAX_BATCH = 256
 
 
+class DatabaseClosedError(RuntimeError):
+    """Work submitted while the database is closing or closed: it was not run."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"database {path!r} is closing: the work was not run")
+
+
 @dataclass(slots=True)
 class _Work:
     job: Job
@@ -57,6 +64,7 @@ class Database:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._closing = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -70,9 +78,12 @@ class Database:
             raise self._startup_error
 
     async def close(self) -> None:
-        """Finish every queued job, then close the connection."""
-        if self._thread is None:
+        """Finish every job queued so far, then close the connection. Work submitted from now
+        on fails at once with `DatabaseClosedError` (queued behind the stop marker, it would
+        never run and its caller would wait forever)."""
+        if self._thread is None or self._closing:
             return
+        self._closing = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -87,6 +98,8 @@ class Database:
         return await self._submit(job, write=True)
 
     def _submit(self, job: Job, *, write: bool) -> asyncio.Future[Any]:
+        if self._closing:
+            raise DatabaseClosedError(self._path)
         if self._thread is None:
             raise RuntimeError("database is not running")
         loop = asyncio.get_running_loop()
@@ -135,6 +148,20 @@ class Database:
                     return
         finally:
             connection.close()
+            self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        """Fail work that slipped in behind the stop marker (submitted from another thread
+        between the `_closing` check and the marker): nothing will ever run it."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Work):
+                with contextlib.suppress(RuntimeError):
+                    error = DatabaseClosedError(self._path)
+                    item.loop.call_soon_threadsafe(_resolve, item.future, None, error)
 
     def _execute(self, connection: sqlite3.Connection, batch: list[_Work]) -> None:
         outcomes: list[tuple[_Work, Any, BaseException | None]] = []
