@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
+scripts/ensure_engines.sh
 .venv/bin/ruff check --quiet
 exec .venv/bin/python -m pytest "$@"

@@ -72,7 +72,7 @@ def test_other_boolean_words_are_startup_errors(monkeypatch: pytest.MonkeyPatch,
         ("MODEL_CHAIN", "no-provider-prefix"),
         ("MODEL_CHAIN", ""),
         ("MODEL_CHAIN", "simulator/a,openai/a"),
-        ("DATABASE_URL", "postgres://db/x"),
+        ("DATABASE_URL", "mysql://db/x"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, raw: str) -> None:

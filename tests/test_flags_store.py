@@ -15,7 +15,7 @@ import structlog
 from rom_agent.config import ConfigError, Settings
 from rom_agent.flags import FlagStore, load_persisted_overrides, parse_changes
 from rom_agent.store.database import Database
-from rom_agent.store.flags import SCHEMA, FlagRepository
+from rom_agent.store.flag_overrides import SQLITE_SCHEMA, SqliteFlagOverrides
 from tests.server import isolated_settings
 
 
@@ -25,17 +25,17 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def repository(db_path: Path) -> AsyncIterator[FlagRepository]:
-    database = Database(str(db_path), schema=SCHEMA)
+async def repository(db_path: Path) -> AsyncIterator[SqliteFlagOverrides]:
+    database = Database(str(db_path), schema=SQLITE_SCHEMA)
     database.start()
     try:
-        yield FlagRepository(database)
+        yield SqliteFlagOverrides(database)
     finally:
         await database.close()
 
 
 async def restored_store(
-    settings: Settings, repository: FlagRepository, env_keys: frozenset[str] = frozenset()
+    settings: Settings, repository: SqliteFlagOverrides, env_keys: frozenset[str] = frozenset()
 ) -> FlagStore:
     store = FlagStore(settings, env_keys=env_keys)
     await load_persisted_overrides(store, repository)
@@ -43,7 +43,7 @@ async def restored_store(
 
 
 @pytest.fixture
-async def store(tmp_path: Path, repository: FlagRepository) -> FlagStore:
+async def store(tmp_path: Path, repository: SqliteFlagOverrides) -> FlagStore:
     return await restored_store(isolated_settings(tmp_path), repository)
 
 
@@ -55,7 +55,7 @@ def stored_rows(db_path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------- layering and parsing
 
 
-async def test_sources_follow_the_layers(tmp_path: Path, repository: FlagRepository) -> None:
+async def test_sources_follow_the_layers(tmp_path: Path, repository: SqliteFlagOverrides) -> None:
     settings = isolated_settings(tmp_path, max_queue=10)
     store = await restored_store(settings, repository, env_keys=frozenset({"max_queue"}))
     assert (store.source("max_queue"), store.current.max_queue) == ("env", 10)
@@ -171,18 +171,18 @@ async def test_update_without_persistence_fails_loudly(tmp_path: Path) -> None:
 
 async def test_overrides_survive_a_restart(tmp_path: Path, db_path: Path) -> None:
     settings = isolated_settings(tmp_path)
-    database = Database(str(db_path), schema=SCHEMA)
+    database = Database(str(db_path), schema=SQLITE_SCHEMA)
     database.start()
-    first = await restored_store(settings, FlagRepository(database))
+    first = await restored_store(settings, SqliteFlagOverrides(database))
     await first.update({"ENABLE_CIRCUIT_BREAKER": "yes", "MAX_QUEUE": 20}, client="t")
     await database.close()
     # Stored as the environment would hold them, normalised.
     assert stored_rows(db_path) == {"ENABLE_CIRCUIT_BREAKER": "true", "MAX_QUEUE": "20"}
 
-    database = Database(str(db_path), schema=SCHEMA)
+    database = Database(str(db_path), schema=SQLITE_SCHEMA)
     database.start()
     try:
-        second = await restored_store(settings, FlagRepository(database))
+        second = await restored_store(settings, SqliteFlagOverrides(database))
         assert second.current.enable_circuit_breaker is True
         assert second.current.max_queue == 20
         assert second.source("max_queue") == "runtime"
@@ -191,7 +191,7 @@ async def test_overrides_survive_a_restart(tmp_path: Path, db_path: Path) -> Non
 
 
 async def test_stale_persisted_overrides_are_skipped_never_fatal(
-    tmp_path: Path, db_path: Path, repository: FlagRepository
+    tmp_path: Path, db_path: Path, repository: SqliteFlagOverrides
 ) -> None:
     with sqlite3.connect(db_path) as connection:
         connection.executemany(
@@ -218,7 +218,7 @@ async def test_stale_persisted_overrides_are_skipped_never_fatal(
 
 
 async def test_restore_accepts_related_overrides_in_any_order(
-    tmp_path: Path, db_path: Path, repository: FlagRepository
+    tmp_path: Path, db_path: Path, repository: SqliteFlagOverrides
 ) -> None:
     # Below the default soft limit (12), the stored hard limit 5 is valid only with soft 3.
     with sqlite3.connect(db_path) as connection:

@@ -37,10 +37,7 @@ from rom_agent.resilience.clock import Clock, SystemClock
 from rom_agent.resilience.errors import PipelineError
 from rom_agent.resilience.pipeline import Pipeline
 from rom_agent.services import Services, parse_api_keys
-from rom_agent.store.conversations import SCHEMA, ConversationStore
-from rom_agent.store.database import Database
-from rom_agent.store.flags import SCHEMA as FLAGS_SCHEMA
-from rom_agent.store.flags import FlagRepository
+from rom_agent.store.backend import StoreBackend
 
 log = get_logger("rom_agent.app")
 
@@ -94,14 +91,14 @@ def create_services(
     pipeline = Pipeline(flags, providers, breakers, metrics, clock)
     tools = tools if tools is not None else default_registry(settings.kb_dir)
     agent = AgentLoop(tools, flags, metrics, clock)
-    database = Database(settings.database_path, schema=SCHEMA + FLAGS_SCHEMA)
-    conversations = ConversationStore(database)
+    store = StoreBackend(settings.database_url)
+    conversations = store.conversations
     return Services(
         settings=settings,
         flags=flags,
         metrics=metrics,
         clock=clock,
-        database=database,
+        store=store,
         conversations=conversations,
         providers=providers,
         breakers=breakers,
@@ -168,14 +165,14 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        services.database.start()
-        await load_persisted_overrides(services.flags, FlagRepository(services.database))
+        await services.store.start()
+        await load_persisted_overrides(services.flags, services.store.flag_overrides)
         _startup_warnings(settings)
         log.info(
             "started",
             version=__version__,
             models=[ref.qualified for ref in services.chain],
-            database=settings.database_path,
+            database=services.store.display,
         )
         try:
             yield
@@ -183,7 +180,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
             services.bottleneck.start_draining()
             for provider in services.providers.values():
                 await provider.aclose()
-            await services.database.close()
+            await services.store.close()
             log.info("stopped")
 
     app = ServiceApp(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from rom_agent import __version__
 from rom_agent.config import ConfigError, load_settings
 from rom_agent.logs import configure_logging
-from rom_agent.ops import flags_cli, rollout, validate
+from rom_agent.ops import flags_cli, migrate, rollout, validate
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.set_defaults(handler=serve)
 
     flags_cli.register(commands)
+    migrate.register(commands)
     rollout.register(commands)
     validate.register(commands)
     return parser

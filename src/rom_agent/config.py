@@ -150,9 +150,9 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _sqlite_only(cls, value: str) -> str:
-        if not value.startswith("sqlite:///"):
-            raise ValueError("only sqlite:///<path> is supported")
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("expected sqlite:///<path> or postgresql://user@host:port/database")
         return value
 
     @field_validator("retry_max_delay_ms")
@@ -178,6 +178,9 @@ class Settings(BaseSettings):
 
     @property
     def database_path(self) -> str:
+        """The SQLite file ("" with PostgreSQL)."""
+        if not self.database_url.startswith("sqlite:///"):
+            return ""
         return self.database_url.removeprefix("sqlite:///")
 
 

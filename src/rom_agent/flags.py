@@ -12,6 +12,7 @@ transaction), then installed. `load_persisted_overrides()` restores them at star
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,10 +83,16 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", re.IGNORECASE)
+
+
 def public_value(value: Any) -> Any:
-    """A settings value as JSON shows it. Secrets never get here (see `SECRET_KEYS`)."""
+    """A settings value as JSON shows it. Secrets never get here (see `SECRET_KEYS`); a
+    password inside a URL (DATABASE_URL, REDIS_URL) is masked."""
     if isinstance(value, SecretStr):  # defence in depth: never render a secret
         raise TypeError("secret values are not public")
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -148,17 +155,24 @@ class AuditEntry:
 
 
 class FlagPersistence(Protocol):
-    """Where overrides and the audit log live (`store.flags.FlagRepository`).
+    """Where overrides and the audit log live (`store.flag_overrides`, SQLite or PostgreSQL).
 
     Override keys are upper case (the variable names); values are environment-style strings.
+    The override set has a version number, bumped by every `save`.
     """
 
     async def load(self) -> dict[str, str]: ...
 
+    async def snapshot(self) -> tuple[int, dict[str, str]]:
+        """The version and the overrides, read consistently."""
+        ...
+
+    async def version(self) -> int: ...
+
     async def save(
         self, *, put: Mapping[str, str], delete: Collection[str], entry: AuditEntry
-    ) -> None:
-        """Apply the override changes and append `entry`, in one transaction."""
+    ) -> int:
+        """Apply the override changes and append `entry`, in one transaction; the new version."""
         ...
 
     async def record(self, entry: AuditEntry) -> None: ...

@@ -23,8 +23,7 @@ from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.clock import Clock
 from rom_agent.resilience.pipeline import Pipeline
-from rom_agent.store.conversations import ConversationStore
-from rom_agent.store.database import Database
+from rom_agent.store.backend import Conversations, StoreBackend
 
 
 def key_digest(key: str) -> bytes:
@@ -47,8 +46,8 @@ class Services:
     flags: FlagStore
     metrics: Metrics
     clock: Clock
-    database: Database
-    conversations: ConversationStore
+    store: StoreBackend
+    conversations: Conversations
     providers: Mapping[str, Provider]
     breakers: BreakerRegistry
     bottleneck: Bottleneck

@@ -35,7 +35,7 @@ from rom_agent.resilience.clock import Clock
 from rom_agent.resilience.errors import DeadlineExceededError
 from rom_agent.resilience.faults import FaultPlan
 from rom_agent.resilience.pipeline import ModelCall, Pipeline, PipelineResult, StreamStart
-from rom_agent.store.conversations import ConversationStore
+from rom_agent.store.backend import Conversations
 
 OnText = Callable[[str], Awaitable[None]]
 
@@ -121,7 +121,7 @@ class ChatService:
         self,
         *,
         flags: FlagStore,
-        conversations: ConversationStore,
+        conversations: Conversations,
         pipeline: Pipeline,
         agent: AgentLoop,
         clock: Clock,
