@@ -198,6 +198,7 @@ class Fault:
     counted: int = 0  # failures the primary's breaker counted
     recoverable: bool = True
     id: str = ""
+    usage: tuple[int, int] | None = None  # (input, output) the client must be told, if set
 
 
 CONTEXT = "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
@@ -310,6 +311,12 @@ OPENAI_FAULTS = [
         chunks=PRIMARY_CHUNKS,
         counted=1,
         id="missing-terminator",
+    ),
+    Fault(
+        "`finish_reason` and usage, then a clean end without `[DONE]`",
+        persistent=Behaviour(text=PRIMARY_TEXT, usage=(21, 11), omit_done=True),
+        usage=(21, 11),
+        id="no-done-after-finish-reason",
     ),
     Fault(
         "context length exceeded (400 `context_length_exceeded`)",

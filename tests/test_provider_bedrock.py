@@ -484,6 +484,15 @@ async def test_stream_without_message_stop_is_not_a_clean_end(
     )
 
 
+async def test_stream_without_metadata_after_message_stop_is_complete(
+    bedrock_provider: BedrockProvider, fake_bedrock: FakeBedrock
+) -> None:
+    fake_bedrock.script(Behaviour(text="one two", omit_done=True))
+    events = await collect(bedrock_provider.stream(ask()))
+    assert text_of(events) == "one two"
+    assert events[-1] == StopEvent("end_turn")
+
+
 async def test_stalled_stream_times_out(
     bedrock_provider: BedrockProvider, fake_bedrock: FakeBedrock
 ) -> None:

@@ -356,6 +356,15 @@ async def test_stream_without_done_is_not_a_clean_end(
     assert (error.kind, error.message) == (ErrorKind.TRANSIENT, NO_FINISH)
 
 
+async def test_stream_with_finish_reason_but_no_done_is_complete(
+    openai_provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(Behaviour(text="one two", usage=(5, 2), omit_done=True))
+    events = await collect(openai_provider.stream(ask()))
+    assert text_of(events) == "one two"
+    assert events[-2:] == [UsageEvent(Usage(5, 2)), StopEvent("end_turn")]
+
+
 async def test_stalled_stream_times_out(
     openai_provider: OpenAIProvider, fake_openai: FakeOpenAI
 ) -> None:

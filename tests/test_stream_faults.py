@@ -158,6 +158,12 @@ def run_fault(
         assert text == last["content"] == expected
         assert last["model"] == fault.model
         assert last["fallbackUsed"] is (fault.model != "primary")
+        if fault.usage is not None:
+            assert last["usage"] == {
+                "inputTokens": fault.usage[0],
+                "outputTokens": fault.usage[1],
+                "totalTokens": sum(fault.usage),
+            }
         # A complete streamed turn is stored, answer and model included.
         assert stored.status_code == 200
         messages = stored.json()["messages"]

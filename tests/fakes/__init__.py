@@ -12,6 +12,12 @@ A behaviour is chosen per request, first match wins:
 4. the model's default (`fake.model_defaults["m"]`);
 5. `fake.default`.
 
+Prefill (a request whose last message is the assistant's, asking the model to continue it) is
+answered per `Behaviour.prefill`: "continue" answers only the rest of the text after the prefill
+(what Anthropic models on Bedrock do), "ignore" answers the whole text anew (what many
+OpenAI-compatible servers silently do), "reject" answers 400. The default is the protocol's own
+(`FakeUpstream.default_prefill`). `prefills_for(model)` proves which models were sent one.
+
 The model is the request's `model` field (OpenAI) or the `{model_id}` of the path (Bedrock), so
 two models of a chain can share one fake and still be scripted, and counted, separately.
 """
@@ -24,7 +30,7 @@ import contextlib
 import re
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import orjson
@@ -74,6 +80,9 @@ class Behaviour:
     malformed_after: int | None = None  # send one corrupt item, then end the body
     stream_error_after: int | None = None  # send an in-stream error item, then end the body
     missing_terminator: bool = False  # end the body cleanly without the protocol terminator
+    omit_done: bool = False  # end cleanly after the terminator, without the last item
+    # (OpenAI: `[DONE]`, after `finish_reason` and usage; Bedrock: the `metadata` frame)
+    prefill: str | None = None  # "continue" | "ignore" | "reject"; None: the fake's default
     reset: bool = False  # close the connection without any response
 
     @classmethod
@@ -127,6 +136,7 @@ class FakeUpstream:
 
     name: ClassVar[str] = "fake"
     stream_content_type: ClassVar[str] = "application/octet-stream"
+    default_prefill: ClassVar[str] = "ignore"
 
     def __init__(
         self, *, default: Behaviour | None = None, delay_s: float = 0.0, record: bool = True
@@ -162,6 +172,10 @@ class FakeUpstream:
     def requests_for(self, model: str) -> list[RecordedRequest]:
         """The recorded requests that named `model`."""
         return [r for r in self.requests if r.model == model]
+
+    def prefills_for(self, model: str) -> list[str | None]:
+        """Per request that named `model`: the assistant prefill it carried, or None."""
+        return [self.prefill_of(r.json) for r in self.requests_for(model)]
 
     def reset(self) -> None:
         """Forget recorded requests, counters and queued behaviours."""
@@ -230,6 +244,10 @@ class FakeUpstream:
     def stream_error_item(self, behaviour: Behaviour) -> bytes:
         raise NotImplementedError
 
+    def prefill_of(self, payload: Any) -> str | None:
+        """The text of a trailing assistant message (a prefill), else None."""
+        raise NotImplementedError
+
     def model_of(self, request: web.Request, payload: Any) -> str | None:
         """The model a request names: the path's `{model_id}`, else the body's `model`."""
         model = request.match_info.get("model_id")
@@ -264,6 +282,9 @@ class FakeUpstream:
                 behaviour = self._pick(request, model)
             except (ValueError, TypeError) as exc:  # a bad X-Fake-Behaviour directive
                 return web.json_response({"error": f"bad behaviour: {exc}"}, status=400)
+            prefill = self.prefill_of(payload) if payload is not None else None
+            if prefill is not None:
+                behaviour = _with_prefill(behaviour, prefill, self.default_prefill)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
@@ -343,6 +364,8 @@ class FakeUpstream:
             await asyncio.sleep(behaviour.first_byte_delay_s)
 
         end = plan.terminator if behaviour.missing_terminator else len(plan.items)
+        if behaviour.omit_done and not behaviour.missing_terminator:
+            end -= 1
         actions = (
             behaviour.cut_after,
             behaviour.stall_after,
@@ -400,6 +423,25 @@ class FakeUpstream:
     async def _handle_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True}, dumps=_dumps)
+
+
+def _with_prefill(behaviour: Behaviour, prefill: str, default: str) -> Behaviour:
+    """What the fake answers to a prefilled request (see the module docstring)."""
+    mode = behaviour.prefill or default
+    if mode == "reject":
+        return replace(
+            behaviour,
+            status=400,
+            error_type=None,
+            message="This model does not support assistant message prefill.",
+        )
+    if mode == "continue" and behaviour.status == 200:
+        # Anthropic refuses prefills ending in whitespace, so callers strip it: continue from
+        # the prefill as sent and let the answer re-supply any whitespace it drops.
+        text = behaviour.text
+        if text.startswith(prefill):
+            return replace(behaviour, text=text[len(prefill) :])
+    return behaviour
 
 
 def _dumps(value: Any) -> str:

@@ -81,6 +81,7 @@ def _fragments(text: str, parts: int = 3) -> list[str]:
 class FakeBedrock(FakeUpstream):
     name: ClassVar[str] = "bedrock"
     stream_content_type: ClassVar[str] = EVENTSTREAM
+    default_prefill: ClassVar[str] = "continue"  # Anthropic models on Bedrock continue it
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/model/{model_id}/converse", self.handler(self._converse))
@@ -175,6 +176,12 @@ class FakeBedrock(FakeUpstream):
         return await self.send_body(
             request, behaviour, status=behaviour.status, headers=headers, body=body
         )
+
+    def prefill_of(self, payload: Any) -> str | None:
+        messages = payload.get("messages") if isinstance(payload, dict) else None
+        if not messages or messages[-1].get("role") != "assistant":
+            return None
+        return "".join(block.get("text", "") for block in messages[-1].get("content") or ())
 
     def malformed_item(self) -> bytes:
         frame = bytearray(event_frame("contentBlockDelta", {"delta": {"text": "corrupt"}}))

@@ -149,6 +149,13 @@ class FakeOpenAI(FakeUpstream):
             request, behaviour, status=behaviour.status, headers=headers, body=body
         )
 
+    def prefill_of(self, payload: Any) -> str | None:
+        messages = payload.get("messages") if isinstance(payload, dict) else None
+        if not messages or messages[-1].get("role") != "assistant":
+            return None
+        content = messages[-1].get("content")
+        return content if isinstance(content, str) else None
+
     def malformed_item(self) -> bytes:
         return b'data: {"id": "chatcmpl-fake", "choices": [{"delta": \n\n'
 
