@@ -539,7 +539,8 @@ async def test_malformed_converse_body_is_transient(
 async def test_concurrent_streams_are_not_queued_behind_a_pool(
     bedrock_provider: BedrockProvider, fake_bedrock: FakeBedrock
 ) -> None:
-    fake_bedrock.default = Behaviour(delay_s=0.5)
+    # Held long enough that all 150 are in flight together even on a loaded 2-core machine.
+    fake_bedrock.default = Behaviour(delay_s=2.0)
     results = await asyncio.gather(*(collect(bedrock_provider.stream(ask())) for _ in range(150)))
     assert all(events[-1] == StopEvent("end_turn") for events in results)
     assert fake_bedrock.max_in_flight == 150  # aiohttp's default pool would cap this at 100

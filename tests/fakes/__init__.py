@@ -83,6 +83,13 @@ class Behaviour:
     omit_done: bool = False  # end cleanly after the terminator, without the last item
     # (OpenAI: `[DONE]`, after `finish_reason` and usage; Bedrock: the `metadata` frame)
     prefill: str | None = None  # "continue" | "ignore" | "reject"; None: the fake's default
+    # llama.cpp's quirks (OpenAI fake only): a 200 with an empty body (its answer to an
+    # over-long streamed prompt); `[DONE]` without any finish_reason (how it ends a stream
+    # it interrupted); `interruptible`: such an end as soon as another request arrives
+    # (its default `interrupt_requests`), after the chunks already sent.
+    empty_body: bool = False
+    done_without_finish: bool = False
+    interruptible: bool = False
     reset: bool = False  # close the connection without any response
 
     @classmethod

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from tests.fakes import Behaviour, FakeUpstream, StreamPlan, main
+from tests.fakes.honour import honour_bedrock
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 _ERROR_TYPE_SUFFIX = ":http://internal.amazon.com/coral/com.amazon.bedrock/"
@@ -92,6 +93,7 @@ class FakeBedrock(FakeUpstream):
     ) -> web.StreamResponse:
         if behaviour.status != 200:
             return await self._error(request, behaviour)
+        behaviour = honour_bedrock(behaviour, payload)
         content: list[dict[str, Any]] = []
         if behaviour.text:
             content.append({"text": behaviour.text})
@@ -122,6 +124,7 @@ class FakeBedrock(FakeUpstream):
     ) -> web.StreamResponse:
         if behaviour.status != 200:
             return await self._error(request, behaviour)
+        behaviour = honour_bedrock(behaviour, payload)
         return await self.send_stream(request, behaviour, self._plan(behaviour))
 
     def _plan(self, behaviour: Behaviour) -> StreamPlan:

@@ -8,12 +8,14 @@ Run as a process: `python -m tests.fakes.openai_server --port 9000 [--delay-ms 5
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
 
 from tests.fakes import Behaviour, FakeUpstream, StreamPlan, main
+from tests.fakes.honour import honour_openai
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -37,6 +39,7 @@ class FakeOpenAI(FakeUpstream):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.interrupted = 0  # streams ended by another request (`interruptible`)
         self._cache: dict[tuple[str, bool, bool], tuple[Behaviour, Any]] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -52,10 +55,16 @@ class FakeOpenAI(FakeUpstream):
         misplaced = _misplaced_tool_message(payload)
         if misplaced is not None:
             return await self._error(request, _rejected_tool_message(misplaced))
+        behaviour = honour_openai(behaviour, payload)
         model = payload.get("model", "fake-model")
         stream = bool(payload.get("stream"))
+        if behaviour.empty_body:
+            headers = {"Content-Type": "text/event-stream" if stream else "application/json"}
+            return web.Response(status=200, headers=headers, body=b"")
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         rendered = self._render(behaviour, model, stream, include_usage)
+        if stream and behaviour.interruptible:
+            return await self._interruptible(request, behaviour, rendered)
         if stream:
             return await self.send_stream(request, behaviour, rendered)
         return await self.send_body(
@@ -133,12 +142,34 @@ class FakeOpenAI(FakeUpstream):
                 items.append(chunk({"tool_calls": [fragment]}))
                 is_chunk.append(True)
         terminator = len(items)
+        if behaviour.done_without_finish:
+            items.append(_DONE)
+            return StreamPlan(items, [*is_chunk, False], terminator)
         items.append(chunk({}, finish))
         if include_usage and behaviour.usage is not None:
             items.append(_sse({**base, "choices": [], "usage": _usage(behaviour.usage)}))
         items.append(_DONE)
         is_chunk += [False] * (len(items) - terminator)
         return StreamPlan(items, is_chunk, terminator)
+
+    async def _interruptible(
+        self, request: web.Request, behaviour: Behaviour, plan: StreamPlan
+    ) -> web.StreamResponse:
+        """llama.cpp with `interrupt_requests`: a request arriving while this stream runs
+        ends it with `[DONE]` and no finish_reason."""
+        seen = self.request_count
+        response = web.StreamResponse(headers={"Content-Type": self.stream_content_type})
+        await response.prepare(request)
+        for index, item in enumerate(plan.items):
+            if index:
+                await asyncio.sleep(behaviour.chunk_delay_s)
+            if self.request_count != seen and index < plan.terminator:
+                self.interrupted += 1
+                await response.write(_DONE)
+                break
+            await response.write(item)
+        await response.write_eof()
+        return response
 
     async def _error(self, request: web.Request, behaviour: Behaviour) -> web.StreamResponse:
         headers = dict(_JSON_HEADERS)

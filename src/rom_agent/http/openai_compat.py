@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.types import Send
 
+from rom_agent.domain.options import NO_OPTIONS, GenerationOptions
 from rom_agent.http.admission import admit
 from rom_agent.http.errors import ApiError, invalid, openai_error_payload, to_api_error
 from rom_agent.http.requests import check_api_key, parse_json_object, read_body
@@ -33,13 +34,18 @@ from rom_agent.providers.base import (
     ToolSpec,
     ToolUseEvent,
     UsageEvent,
+    unsupported_options,
 )
 from rom_agent.providers.openai_wire import (
     ChunkWriter,
+    UnsupportedParameter,
     WireFormatError,
     completion_json,
+    max_tokens_of,
     messages_of,
+    options_of,
     sse,
+    temperature_of,
     tools_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
@@ -85,21 +91,44 @@ def parse_chain(data: dict[str, Any], services: Services) -> tuple[ModelRef, ...
         raise ApiError(400, "INVALID_REQUEST", str(exc)) from None
 
 
-def _number(data: dict[str, Any], key: str, kind: type, low: float, high: float) -> Any:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise invalid(f"'{key}' must be a number between {low} and {high}")
-    return kind(value)
+def check_options(
+    options: GenerationOptions, chain: tuple[ModelRef, ...], services: Services
+) -> None:
+    """Refuse, before any upstream call, an option a model of the chain cannot honour: a
+    fallback must not silently answer without it."""
+    if options is NO_OPTIONS:
+        return
+    for model in chain:
+        provider = services.providers.get(model.provider)
+        if provider is None:
+            continue  # the pipeline reports an unconfigured provider
+        names = unsupported_options(provider, options)
+        if names:
+            raise UnsupportedParameter(
+                names[0],
+                f"'{names[0]}' is not supported by model {model.id} ({model.provider}); "
+                "leave it out or choose another model",
+            )
 
 
 def build_call(data: dict[str, Any], services: Services, fault_header: str | None) -> ModelCall:
     settings = services.flags.current
+    try:
+        options = options_of(data)
+        max_tokens = max_tokens_of(data)
+        temperature = temperature_of(data)
+    except WireFormatError as exc:
+        raise invalid(str(exc)) from None
     system, messages = parse_messages(data.get("messages"), settings.max_message_chars)
-    max_tokens = _number(data, "max_completion_tokens", int, 1, 1_000_000) or _number(
-        data, "max_tokens", int, 1, 1_000_000
-    )
+    tools = parse_tools(data.get("tools"))
+    choice = options.tool_choice
+    if choice is not None and choice.mode == "tool" and choice.name not in {t.name for t in tools}:
+        raise invalid(f"'tool_choice' names {choice.name!r}, which is not in 'tools'")
+    chain = parse_chain(data, services)
+    try:
+        check_options(options, chain, services)
+    except WireFormatError as exc:
+        raise invalid(str(exc)) from None
     last_text = messages[-1].plain_text
     try:
         fault = parse_fault_plan(last_text, fault_header, settings)
@@ -107,13 +136,14 @@ def build_call(data: dict[str, Any], services: Services, fault_header: str | Non
         raise invalid(str(exc)) from None
     return ModelCall(
         messages=messages,
-        chain=parse_chain(data, services),
+        chain=chain,
         deadline=services.pipeline.new_deadline(),
         system=system,
-        tools=parse_tools(data.get("tools")),
+        tools=tools,
         fault=fault,
         max_tokens=max_tokens,
-        temperature=_number(data, "temperature", float, 0, 2),
+        temperature=temperature,
+        options=options,
     )
 
 

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from rom_agent.domain.options import NO_OPTIONS, GenerationOptions
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -85,6 +87,7 @@ class ChatRequest:
     tools: Sequence[ToolSpec] = ()
     max_tokens: int | None = None
     temperature: float | None = None
+    options: GenerationOptions = NO_OPTIONS
     # Seconds this attempt may take; providers size their HTTP timeouts from it.
     timeout_s: float | None = None
     # Opaque per-request directives for the simulator and fault drills (never sent upstream).
@@ -218,6 +221,13 @@ class Provider(Protocol):
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]: ...
 
     async def aclose(self) -> None: ...
+
+
+def unsupported_options(provider: Provider, options: GenerationOptions) -> list[str]:
+    """The options of `options` that `provider` cannot honour (wire names). A provider that
+    does not say (`unsupported(options)`) is taken to honour none of them."""
+    check = getattr(provider, "unsupported", None)
+    return options.asked() if check is None else list(check(options))
 
 
 @dataclass(frozen=True, slots=True)

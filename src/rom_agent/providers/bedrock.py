@@ -22,6 +22,7 @@ from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserEr
 from botocore.exceptions import BotoCoreError
 from yarl import URL
 
+from rom_agent.domain.options import GenerationOptions
 from rom_agent.providers.base import (
     ChatRequest,
     ChatResponse,
@@ -124,6 +125,9 @@ class BedrockProvider(HttpProvider):
 
     # ------------------------------------------------------------------ the template
 
+    def unsupported(self, options: GenerationOptions) -> list[str]:
+        return unsupported_options(options)
+
     def decode(self, request: ChatRequest, raw: bytes) -> ChatResponse:
         return decode_response(request.model, raw)
 
@@ -183,10 +187,15 @@ class BedrockProvider(HttpProvider):
 
 
 def encode_request(request: ChatRequest) -> dict[str, Any]:
-    """ChatRequest → Converse request body."""
+    """ChatRequest → Converse request body. Options map onto Converse's own fields (see
+    `BedrockProvider.unsupported` for the ones that cannot)."""
+    options = request.options
+    choice = options.tool_choice
+    # `tool_choice: none` is honoured by not offering the tools at all.
+    tools = () if choice is not None and choice.mode == "none" else request.tools
     # Bedrock rejects toolUse/toolResult blocks when no toolConfig is sent (e.g. the agent
     # withdrew the tools to force a final answer): then they are rendered as text instead.
-    as_text = not request.tools
+    as_text = not tools
     body: dict[str, Any] = {
         "messages": [_encode_message(message, as_text) for message in request.messages]
     }
@@ -197,9 +206,15 @@ def encode_request(request: ChatRequest) -> dict[str, Any]:
         inference["maxTokens"] = request.max_tokens
     if request.temperature is not None:
         inference["temperature"] = request.temperature
+    if options.top_p is not None:
+        inference["topP"] = options.top_p
+    if options.stop:
+        inference["stopSequences"] = list(options.stop)
     if inference:
         body["inferenceConfig"] = inference
-    if request.tools:
+    if options.user is not None:
+        body["requestMetadata"] = {"user": options.user}
+    if tools:
         body["toolConfig"] = {
             "tools": [
                 {
@@ -209,10 +224,37 @@ def encode_request(request: ChatRequest) -> dict[str, Any]:
                         "inputSchema": {"json": tool.input_schema},
                     }
                 }
-                for tool in request.tools
+                for tool in tools
             ]
         }
+        if choice is not None and choice.mode != "none":
+            body["toolConfig"]["toolChoice"] = _TOOL_CHOICES[choice.mode](choice.name)
     return body
+
+
+_TOOL_CHOICES: dict[str, Callable[[str | None], dict[str, Any]]] = {
+    "auto": lambda _: {"auto": {}},
+    "required": lambda _: {"any": {}},
+    "tool": lambda name: {"tool": {"name": name}},
+}
+
+
+def unsupported_options(options: GenerationOptions) -> list[str]:
+    """Options Converse has no equivalent for. `parallel_tool_calls: false` is honoured only
+    with a named `tool_choice` (exactly that tool is called)."""
+    names = [
+        name
+        for name in ("seed", "presence_penalty", "frequency_penalty", "logit_bias")
+        if getattr(options, name) is not None
+    ]
+    if options.response_format is not None:
+        names.append("response_format")
+    if options.parallel_tool_calls is False and (
+        options.tool_choice is None or options.tool_choice.mode != "tool"
+    ):
+        names.append("parallel_tool_calls")
+    names.extend(name for name, _ in options.passthrough)
+    return names
 
 
 def _encode_message(message: Message, tools_as_text: bool) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from rom_agent.domain.options import GenerationOptions
 from rom_agent.providers.base import (
     ChatRequest,
     ChatResponse,
@@ -73,6 +74,10 @@ class OpenAIProvider(HttpProvider):
             raise ValueError("OPENAI_BASE_URL is not set")
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
         return cls(settings.openai_base_url, key)
+
+    def unsupported(self, options: GenerationOptions) -> list[str]:
+        """None: every option is a Chat Completions field, forwarded as is."""
+        return []
 
     async def prepare(self, request: ChatRequest, *, stream: bool) -> PreparedCall:
         return PreparedCall(self._url, orjson.dumps(request_json(request, stream=stream)))

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from rom_agent.config import Settings
+from rom_agent.domain.options import NO_OPTIONS, GenerationOptions
 from rom_agent.flags import FlagStore
 from rom_agent.logs import get_logger
 from rom_agent.metrics import Metrics
@@ -154,6 +155,7 @@ class ModelCall:
     fault: FaultPlan | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    options: GenerationOptions = NO_OPTIONS
     hints: dict[str, Any] = field(default_factory=dict)  # passed to ChatRequest.hints as is
 
 
@@ -483,6 +485,7 @@ class Pipeline:
             tools=call.tools,
             max_tokens=call.max_tokens,
             temperature=call.temperature,
+            options=call.options,
             timeout_s=budget_s,
             hints=call.hints,
         )
