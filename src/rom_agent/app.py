@@ -21,6 +21,7 @@ from rom_agent.agent.loop import AgentLoop
 from rom_agent.agent.tools import ToolRegistry, default_registry
 from rom_agent.config import ConfigError, Settings
 from rom_agent.flags import FlagStore, load_persisted_overrides
+from rom_agent.fleet.coordinator import Fleet
 from rom_agent.http import admin, chat, health, openai_compat
 from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
 from rom_agent.http.fastlane import FastLane, FastRoute
@@ -88,6 +89,7 @@ def create_services(
     bottleneck = Bottleneck(flags, clock, metrics)
     metrics.breaker_source = breakers
     metrics.admission_source = bottleneck
+    fleet = Fleet(settings, flags, bottleneck, metrics)
     pipeline = Pipeline(flags, providers, breakers, metrics, clock)
     tools = tools if tools is not None else default_registry(settings.kb_dir)
     agent = AgentLoop(tools, flags, metrics, clock)
@@ -108,6 +110,7 @@ def create_services(
         chat=ChatService(
             flags=flags, conversations=conversations, pipeline=pipeline, agent=agent, clock=clock
         ),
+        fleet=fleet,
         api_key_digests=parse_api_keys(settings.api_keys),
     )
 
@@ -167,6 +170,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await services.store.start()
         await load_persisted_overrides(services.flags, services.store.flag_overrides)
+        await services.fleet.start(services.store)
         _startup_warnings(settings)
         log.info(
             "started",
@@ -180,6 +184,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
             services.bottleneck.start_draining()
             for provider in services.providers.values():
                 await provider.aclose()
+            await services.fleet.close()
             await services.store.close()
             log.info("stopped")
 

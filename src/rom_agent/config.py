@@ -138,6 +138,10 @@ class Settings(BaseSettings):
 
     # Storage and agent
     database_url: str = "sqlite:///./data/rom-agent.db"
+    # Fleet mode (issue 15): Redis for what replicas share; optional, never needed to start.
+    redis_url: str | None = None
+    replica_id: str = ""  # "" = host name + process id
+    fleet_key_prefix: str = Field("rom-agent:", min_length=1, max_length=100)
     history_max_messages: int = Field(30, ge=1, le=10_000)
     max_agent_turns: int = Field(10, ge=1, le=100)
     kb_dir: str = "./kb"
@@ -153,6 +157,15 @@ class Settings(BaseSettings):
     def _known_database(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("expected sqlite:///<path> or postgresql://user@host:port/database")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            return None  # REDIS_URL= (empty) means "no Redis"
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://host:port/db, rediss://… or unix://…")
         return value
 
     @field_validator("retry_max_delay_ms")

@@ -67,6 +67,9 @@ STATIC_KEYS: tuple[str, ...] = (
     "bedrock_endpoint_url",
     "openai_base_url",
     "database_url",
+    "redis_url",
+    "replica_id",
+    "fleet_key_prefix",
     "kb_dir",
     "cors_origins",
     "log_level",  # loggers are built once at startup (cached for speed)
@@ -198,6 +201,9 @@ class FlagStore:
         self._overrides: dict[str, Any] = {}
         self._listeners: list[Listener] = []
         self._persistence: FlagPersistence | None = None
+        self._committed: list[Callable[[int], None]] = []
+        # Version of the persisted override set this snapshot reflects (0: none yet).
+        self.version = 0
         # Serialises operator changes: each validates against the state the previous one left,
         # so two concurrent changes can never combine into an invalid snapshot.
         self._lock = asyncio.Lock()
@@ -222,6 +228,39 @@ class FlagStore:
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def on_committed(self, listener: Callable[[int], None]) -> None:
+        """Called with the new version after this process committed a change (fleet mode
+        publishes it to the other replicas)."""
+        self._committed.append(listener)
+
+    async def refresh(self) -> bool:
+        """Install the persisted overrides if their version is newer than ours (another
+        replica changed them). True if something was installed.
+
+        Overrides that do not validate here (a replica running a newer release with a wider
+        range) are skipped with a warning and left in storage for their owner.
+        """
+        persistence = self._require_persistence()
+        if await persistence.version() <= self.version:
+            return False
+        async with self._lock:
+            version, stored = await persistence.snapshot()
+            if version <= self.version:
+                return False
+            accepted, rejected = _accept_fixpoint(self, stored)
+            for key, reason in rejected.items():
+                log.warning("replicated flag override skipped", key=key, reason=reason)
+            before = self.current
+            self.replace_overrides(accepted)
+            self.version = version
+            changed = {
+                key.upper(): public_value(getattr(self.current, key))
+                for key in RUNTIME_KEYS
+                if getattr(self.current, key) != getattr(before, key)
+            }
+            log.info("runtime flags replicated", version=version, changes=changed)
+            return True
 
     # ------------------------------------------------------------------ in memory
 
@@ -311,13 +350,19 @@ class FlagStore:
                 },
                 client=client,
             )
-            await persistence.save(
+            version = await persistence.save(
                 put={key.upper(): env_string(getattr(settings, key)) for key in put},
                 delete=[key.upper() for key in delete],
                 entry=entry,
             )
             self._overrides = {key: getattr(settings, key) for key in overrides}
             self._install(settings)
+            self.version = version
+            for listener in self._committed:
+                try:
+                    listener(version)
+                except Exception:  # publishing is best effort; the poll catches up
+                    log.exception("flag commit listener failed")
             log.info("runtime flags changed", action=action, changes=entry.changes, client=client)
             return entry
 
@@ -358,12 +403,28 @@ async def load_persisted_overrides(flags: FlagStore, persistence: FlagPersistenc
     Returns the skipped keys.
     """
     flags.attach(persistence)
-    stored = await persistence.load()
-    accepted: dict[str, str] = {}
+    version, stored = await persistence.snapshot()
+    accepted, reasons = _accept_fixpoint(flags, stored)
+    pending = {key: stored[key] for key in reasons}
+    flags.replace_overrides(accepted)
+    flags.version = version
+    if accepted:
+        log.info("runtime flag overrides restored", keys=sorted(k.upper() for k in accepted))
+    if pending:
+        await _discard(flags, persistence, pending, reasons)
+    return sorted(pending)
+
+
+def _accept_fixpoint(
+    flags: FlagStore, stored: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The stored overrides that validate (field name → env string) and, per rejected key,
+    why. Fixpoint: a key rejected alone may pass once its partner is in (soft limit 30 needs
+    the stored hard limit 40 first), so the rejected ones are retried until a round adds
+    nothing."""
+    accepted: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     pending = dict(stored)
-    # Fixpoint: a key rejected alone may pass once its partner is in (soft limit 30 needs the
-    # stored hard limit 40 first), so retry the rejected ones until a round adds nothing.
     progress = True
     while pending and progress:
         progress = False
@@ -376,13 +437,9 @@ async def load_persisted_overrides(flags: FlagStore, persistence: FlagPersistenc
                 continue
             accepted.update(change)
             del pending[key]
+            reasons.pop(key, None)
             progress = True
-    flags.replace_overrides(accepted)
-    if accepted:
-        log.info("runtime flag overrides restored", keys=sorted(k.upper() for k in accepted))
-    if pending:
-        await _discard(flags, persistence, pending, reasons)
-    return sorted(pending)
+    return accepted, reasons
 
 
 async def _discard(

@@ -17,6 +17,7 @@ from rom_agent.agent.chat import ChatService
 from rom_agent.agent.tools import ToolRegistry
 from rom_agent.config import Settings
 from rom_agent.flags import FlagStore
+from rom_agent.fleet.coordinator import Fleet
 from rom_agent.metrics import Metrics
 from rom_agent.providers.base import ModelRef, Provider
 from rom_agent.resilience.bottleneck import Bottleneck
@@ -54,6 +55,7 @@ class Services:
     pipeline: Pipeline
     tools: ToolRegistry
     chat: ChatService
+    fleet: Fleet
     api_key_digests: tuple[bytes, ...] = ()
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)

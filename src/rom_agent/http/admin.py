@@ -169,5 +169,11 @@ async def get_bottleneck(request: Request) -> Response:
     return json_response(services_of(request).bottleneck.snapshot())
 
 
+@router.get("/fleet")
+async def get_fleet(request: Request) -> Response:
+    """The live replicas with their state (from the Redis registry) and the shared state."""
+    return json_response(await services_of(request).fleet.snapshot())
+
+
 def _breaker_state(services: Services, model: str) -> str | None:
     return dict(services.breakers.states()).get(model)

@@ -37,10 +37,12 @@ async def ready(request: Request) -> Response:
     services = services_of(request)
     checks: dict[str, object] = {}
     status = "ready"
+    database_ok = False
     try:
         async with asyncio.timeout(_READY_DB_TIMEOUT_S):
             latency = await services.conversations.ping()
         checks["database"] = {"ok": True, "latencyMs": round(latency * 1000, 2)}
+        database_ok = True
     except Exception as exc:  # any failure of the store makes us unready
         checks["database"] = {"ok": False, "error": type(exc).__name__}
         status = "degraded"
@@ -50,10 +52,17 @@ async def ready(request: Request) -> Response:
         # Still ready: every replica would see the same upstream outage, and answering
         # 503 CIRCUIT_OPEN fast is better than being taken out of the load balancer.
         checks["allModelsOpen"] = True
+    fleet = services.fleet
+    if fleet.shared is not None:
+        checks["sharedState"] = fleet.shared.snapshot()
+        if not fleet.shared.up and status == "ready":
+            # Still 200: every replica falls back to local decisions (issue 15), so taking
+            # them all out of the load balancer because Redis is down would be the outage.
+            status = "degraded"
     if services.draining:
         status = "draining"
     checks["draining"] = services.draining
-    code = 200 if status == "ready" else 503
+    code = 200 if status == "ready" or (status == "degraded" and database_ok) else 503
     return _json({"status": status, "checks": checks}, code)
 
 

@@ -1,0 +1,1 @@
+"""Fleet mode: what several replicas share through Redis (optional) and PostgreSQL."""
