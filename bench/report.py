@@ -581,6 +581,11 @@ def render(results: dict[str, Any], source: Path, plotted: bool) -> str:
         "regenerates this page and `bench/results/latency-vs-load.png`, and stops everything it "
         "started. Details: `bench/README.md`.",
         "",
+        "Memory over a long run is measured apart, by `bench/soak.py`: the real service under "
+        "30,000 mixed requests (chat on long conversations, streams, cut streams, the facade), "
+        "RSS at the start and after every 10,000 requests. Its latest figures are in "
+        "`bench/README.md`.",
+        "",
     ]
     return "\n".join(lines)
 

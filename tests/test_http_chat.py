@@ -9,17 +9,17 @@ import httpx
 import pytest
 
 from rom_agent.app import create_services
-from rom_agent.providers.simulator import SimulatorProvider
+from tests.recording_simulator import RecordingSimulator
 from tests.server import isolated_settings, running_app
 
 
 @pytest.fixture
-def simulator() -> SimulatorProvider:
-    return SimulatorProvider()
+def simulator() -> RecordingSimulator:
+    return RecordingSimulator()
 
 
 @pytest.fixture
-def server(tmp_path: Path, simulator: SimulatorProvider):
+def server(tmp_path: Path, simulator: RecordingSimulator):
     settings = isolated_settings(tmp_path, history_max_messages=4)
     services = create_services(settings, providers={"simulator": simulator})
     with running_app(settings, services) as running:

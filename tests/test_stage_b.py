@@ -9,6 +9,7 @@ import httpx
 
 from rom_agent.app import create_services
 from rom_agent.resilience.clock import FakeClock
+from tests.recording_simulator import RecordingSimulator
 from tests.server import isolated_settings, running_app
 
 _STATE = re.compile(
@@ -31,7 +32,8 @@ def test_breaker_cycle_closed_open_half_open_closed(tmp_path: Path) -> None:
         enable_fault_injection=True,
         circuit_breaker_cooldown_s=30,
     )
-    services = create_services(settings, clock=clock)
+    simulator = RecordingSimulator()
+    services = create_services(settings, clock=clock, providers={"simulator": simulator})
     with running_app(settings, services) as server, server.client() as client:
         # 4.1 initial state: CLOSED, value 0, before any request.
         assert states(client) == {"rom-sim-1": ("CLOSED", 0.0), "rom-sim-2": ("CLOSED", 0.0)}
@@ -47,12 +49,12 @@ def test_breaker_cycle_closed_open_half_open_closed(tmp_path: Path) -> None:
 
         # 4.3 OPEN, value 2; a normal request is now rejected fast without an upstream call.
         assert states(client)["rom-sim-1"] == ("OPEN", 2.0)
-        calls_before = len(services.providers["simulator"].calls)
+        calls_before = len(simulator.calls)
         rejected = client.post("/api/chat", json={"mensagem": "oi"})
         assert rejected.status_code == 503
         assert rejected.json()["code"] == "CIRCUIT_OPEN"
         assert int(rejected.headers["retry-after"]) == 30
-        assert len(services.providers["simulator"].calls) == calls_before
+        assert len(simulator.calls) == calls_before
 
         # 4.4/4.5 the cooldown passes: HALF_OPEN, value 1, with no request sent.
         clock.advance(29.9)

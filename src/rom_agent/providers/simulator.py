@@ -270,7 +270,8 @@ class SimulatorProvider:
         self._default = default or SimBehaviour()
         self._per_model = dict(per_model or {})
         self._scripts: dict[str, deque[SimBehaviour]] = {}
-        self.calls: list[ChatRequest] = []
+        # No record of the requests: this object serves production traffic, and a list of
+        # them kept every turn's history window alive. Tests that need one use a subclass.
 
     # ------------------------------------------------------------------ scripting
 
@@ -300,7 +301,6 @@ class SimulatorProvider:
         return (TextBlock(text),)
 
     async def complete(self, request: ChatRequest) -> ChatResponse:
-        self.calls.append(request)
         behaviour = self._next(request.model)
         if behaviour.latency_s:
             await self._sleep(behaviour.latency_s)
@@ -316,7 +316,6 @@ class SimulatorProvider:
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        self.calls.append(request)
         behaviour = self._next(request.model)
         if behaviour.latency_s:
             await self._sleep(behaviour.latency_s)
