@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
 scripts/ensure_engines.sh
+scripts/ensure_promtool.sh
 .venv/bin/ruff check --quiet
 exec .venv/bin/python -m pytest "$@"

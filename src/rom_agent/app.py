@@ -26,6 +26,7 @@ from rom_agent.http import admin, chat, health, openai_compat
 from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
 from rom_agent.http.fastlane import FastLane, FastRoute
 from rom_agent.http.middleware import RequestContextMiddleware
+from rom_agent.instrumentation import runtime
 from rom_agent.logs import get_logger
 from rom_agent.metrics import Metrics
 from rom_agent.providers.base import ModelRef, Provider
@@ -95,7 +96,7 @@ def create_services(
     agent = AgentLoop(tools, flags, metrics, clock)
     store = StoreBackend(settings.database_url)
     conversations = store.conversations
-    return Services(
+    services = Services(
         settings=settings,
         flags=flags,
         metrics=metrics,
@@ -113,6 +114,8 @@ def create_services(
         fleet=fleet,
         api_key_digests=parse_api_keys(settings.api_keys),
     )
+    runtime.install(metrics.registry, lambda: flags.current, services.event_loop_lag)
+    return services
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -172,6 +175,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
         await load_persisted_overrides(services.flags, services.store.flag_overrides)
         await services.fleet.start(services.store)
         _startup_warnings(settings)
+        services.event_loop_lag.start()
         log.info(
             "started",
             version=__version__,
@@ -182,6 +186,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
             yield
         finally:
             services.bottleneck.start_draining()
+            await services.event_loop_lag.stop()
             for provider in services.providers.values():
                 await provider.aclose()
             await services.fleet.close()

@@ -32,25 +32,13 @@ OPERATION = "converse"
 
 BREAKER_STATE_VALUE = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
 
-_LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-)
+# LLM calls take 50 ms (a cached or tiny answer) to minutes (long generations): buckets are
+# dense where chat SLOs sit (0.5-10 s) and stop at 120 s, the longest REQUEST_TIMEOUT_S worth
+# resolving. Each bucket is one series per label set, so there are 16, not 30 (see
+# docs/observability.md, "Series count").
+LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60, 120)
+# HTTP adds the fast routes (/health, /metrics, rejections answered in microseconds).
+_LATENCY_BUCKETS = (0.005, 0.025, *LLM_BUCKETS)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -191,7 +179,7 @@ class Metrics:
             "llm_request_duration_seconds",
             "Provider attempt duration",
             ["model", "outcome"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LLM_BUCKETS,
             registry=r,
         )
         self.llm_tokens = Counter("llm_tokens", "Tokens used", ["model", "direction"], registry=r)

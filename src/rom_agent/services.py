@@ -18,11 +18,12 @@ from rom_agent.agent.tools import ToolRegistry
 from rom_agent.config import Settings
 from rom_agent.flags import FlagStore
 from rom_agent.fleet.coordinator import Fleet
+from rom_agent.instrumentation.runtime import EventLoopLag
 from rom_agent.metrics import Metrics
 from rom_agent.providers.base import ModelRef, Provider
 from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.breaker import BreakerRegistry
-from rom_agent.resilience.clock import Clock
+from rom_agent.resilience.clock import Clock, SystemClock
 from rom_agent.resilience.pipeline import Pipeline
 from rom_agent.store.backend import Conversations, StoreBackend
 
@@ -57,6 +58,7 @@ class Services:
     chat: ChatService
     fleet: Fleet
     api_key_digests: tuple[bytes, ...] = ()
+    event_loop_lag: EventLoopLag = field(default_factory=lambda: EventLoopLag(SystemClock()))
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
     version: str = __version__
