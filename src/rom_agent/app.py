@@ -22,7 +22,7 @@ from rom_agent.agent.tools import ToolRegistry, default_registry
 from rom_agent.config import ConfigError, Settings
 from rom_agent.flags import FlagStore, load_persisted_overrides
 from rom_agent.fleet.coordinator import Fleet
-from rom_agent.http import admin, chat, health, openai_compat
+from rom_agent.http import admin, chat, health, openai_compat, web
 from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
 from rom_agent.http.fastlane import FastLane, FastRoute
 from rom_agent.http.middleware import RequestContextMiddleware
@@ -50,7 +50,10 @@ def build_providers(settings: Settings, chain: Sequence[ModelRef]) -> dict[str, 
     for name in dict.fromkeys(ref.provider for ref in chain):
         if name == "simulator":
             latency = settings.simulator_latency_ms / 1000
-            providers[name] = SimulatorProvider(default=SimBehaviour(latency_s=latency))
+            chunk_delay = settings.simulator_chunk_delay_ms / 1000
+            providers[name] = SimulatorProvider(
+                default=SimBehaviour(latency_s=latency, chunk_delay_s=chunk_delay)
+            )
         elif name == "bedrock":
             providers[name] = BedrockProvider.from_settings(settings)
         elif name == "openai":
@@ -206,6 +209,8 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
     app.include_router(chat.router)
     app.include_router(openai_compat.router)
     app.include_router(admin.router)
+    for method, path, endpoint in web.ROUTES:
+        app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
     _install_error_handlers(app)
 
     asgi: ASGIApp = FastLane(

@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
     simulator_latency_ms: int = Field(0, ge=0, le=600_000)
+    simulator_chunk_delay_ms: int = Field(0, ge=0, le=60_000)  # between streamed chunks
 
     # Storage and agent
     database_url: str = "sqlite:///./data/rom-agent.db"

@@ -136,6 +136,7 @@ class CircuitBreaker:
         self._probes: dict[int, float] = {}  # HALF_OPEN leases: id -> issued at
         self._probe_seq = 0
         self._changed_at = clock.now()
+        self._why = ""  # why the last transition happened (shown by the console)
         self._totals = _Totals()
 
     # ------------------------------------------------------------------ reads
@@ -174,6 +175,7 @@ class CircuitBreaker:
             "threshold": settings.circuit_breaker_threshold,
             "generation": self._generation,
             "sinceChangeS": round(now - self._changed_at, 3),
+            "why": self._why,
             "retryAfterS": round(self.retry_after_s(), 3),
             "halfOpenInFlight": len(self._probes),
             "totals": asdict(self._totals),
@@ -276,6 +278,7 @@ class CircuitBreaker:
         self._state = new
         self._generation += 1
         self._changed_at = self._clock.now()
+        self._why = why
         self._totals.transitions += 1
         self._metrics.breaker_transition(self.model, old.value, new.value)
         emit = log.warning if new is State.OPEN else log.info

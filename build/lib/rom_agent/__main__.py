@@ -1,0 +1,5 @@
+"""`python -m rom_agent` is `rom-agent`."""
+
+from rom_agent.cli import main
+
+raise SystemExit(main())

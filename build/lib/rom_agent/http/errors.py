@@ -1,0 +1,89 @@
+"""The one error body of the API: {"error": message, "status": code, "code": CODE}.
+
+Every failure — our own validation, an admission rejection, a pipeline outcome — becomes an
+`ApiError` here, so each route and each error event maps errors the same way. The
+OpenAI-compatible routes (`/v1/…`) answer in OpenAI's shape instead, so the official SDKs
+raise their usual exceptions; the SPEC's `status` and `code` ride along at the top level.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+from rom_agent.resilience.bottleneck import AdmissionRejected
+from rom_agent.resilience.errors import CircuitOpenError, PipelineError
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    @property
+    def recoverable(self) -> bool:
+        """Worth retrying later as is (our overload, an upstream outage), not a bad request."""
+        return self.status >= 500 or self.status == 429
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(400, "INVALID_REQUEST", message)
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    """Map any known failure to the error the client sees; unknown ones are a 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, AdmissionRejected):
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return ApiError(exc.status, exc.code, exc.message, headers=headers)
+    if isinstance(exc, CircuitOpenError):
+        return ApiError(
+            exc.status, exc.code, exc.message, headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    if isinstance(exc, PipelineError):
+        return ApiError(exc.status, exc.code, exc.message)
+    return ApiError(500, "INTERNAL", "internal error")
+
+
+def error_body(status: int, code: str, message: str) -> bytes:
+    return orjson.dumps({"error": message, "status": status, "code": code})
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_payload(error: ApiError) -> dict[str, object]:
+    kind = _OPENAI_TYPES.get(error.status, "server_error" if error.status >= 500 else "api_error")
+    return {
+        "error": {"message": error.message, "type": kind, "param": None, "code": error.code},
+        "status": error.status,
+        "code": error.code,
+    }
+
+
+def error_response(error: ApiError, *, openai: bool = False) -> Response:
+    body = (
+        orjson.dumps(openai_error_payload(error))
+        if openai
+        else error_body(error.status, error.code, error.message)
+    )
+    return Response(
+        body, status_code=error.status, headers=error.headers, media_type="application/json"
+    )

@@ -1,0 +1,72 @@
+"""Pure ASGI middleware: request id, access log and HTTP metrics, at the cost of one wrapper.
+
+Starlette's BaseHTTPMiddleware would add a task and a stream copy per request; a plain ASGI
+callable adds one function frame.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rom_agent.logs import get_logger
+from rom_agent.metrics import Metrics
+
+_INCOMING_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+_HEADER = b"x-request-id"
+
+log = get_logger("rom_agent.http")
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == _HEADER:
+                if _INCOMING_ID.match(value):
+                    request_id = value.decode()
+                break
+        if request_id is None:
+            request_id = new_request_id()
+        raw_id = request_id.encode()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (_HEADER, raw_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = route.path if route is not None else "unmatched"
+            self.metrics.http_request(path, status, elapsed)
+            log.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round(elapsed * 1000, 2),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")

@@ -1,0 +1,56 @@
+"""What every API route does with a request: authenticate it, read its body within the
+limit, parse it as a JSON object, answer JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rom_agent.http.errors import ApiError, invalid
+from rom_agent.services import Services
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds `limit` — never buffered whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise invalid("request body must be a JSON object")
+    return data
+
+
+def check_api_key(request: Request, services: Services) -> None:
+    if not services.api_key_digests:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not services.api_key_valid(key.strip()):
+        raise ApiError(
+            401,
+            "UNAUTHORIZED",
+            "missing or invalid API key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def json_response(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")

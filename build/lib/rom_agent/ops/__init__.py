@@ -1,0 +1,1 @@
+"""Operator tooling: the admin API client and the commands built on it."""

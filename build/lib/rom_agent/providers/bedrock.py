@@ -1,0 +1,457 @@
+"""AWS Bedrock Converse / ConverseStream over aiohttp, signed with botocore's SigV4 signer.
+
+Why not boto3: its HTTP stack is synchronous (a thread per in-flight call) and retries on its
+own. Here botocore only signs requests and decodes eventstream frames; the I/O is one pooled
+aiohttp session, so 200 concurrent streams are 200 sockets on one loop, and one call is
+exactly one HTTP request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
+from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserError
+from botocore.exceptions import BotoCoreError
+from yarl import URL
+
+from rom_agent.providers.base import (
+    ChatRequest,
+    ChatResponse,
+    ContentBlock,
+    ErrorKind,
+    Message,
+    ProviderError,
+    StopEvent,
+    StreamEvent,
+    TextBlock,
+    TextDelta,
+    ToolUseBlock,
+    ToolUseEvent,
+    Usage,
+    UsageEvent,
+    classify_status,
+    parse_retry_after,
+)
+from rom_agent.providers.http import (
+    TRANSPORT_ERRORS,
+    SessionHolder,
+    call_timeout,
+    is_content_filtered,
+    is_context_overflow,
+    mentions,
+    stream_cut,
+    stream_timeout,
+    transport_error,
+)
+
+if TYPE_CHECKING:
+    from rom_agent.config import Settings
+
+CredentialsResolver = Callable[[], Credentials | None]
+
+_SERVICE = "bedrock"
+_EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+# Exception names (lower-cased: HTTP uses PascalCase, in-stream frames lowerCamel) → kind.
+_TRANSIENT_TYPES = frozenset(
+    {
+        "throttlingexception",
+        "serviceunavailableexception",
+        "internalserverexception",
+        "modelnotreadyexception",
+        "modeltimeoutexception",
+        "modelstreamerrorexception",
+        "modelerrorexception",
+    }
+)
+_MODEL_TYPES = frozenset(
+    {
+        "resourcenotfoundexception",
+        "accessdeniedexception",
+        "servicequotaexceededexception",
+        "unrecognizedclientexception",
+        "expiredtokenexception",
+    }
+)
+# Validation errors about what *this model* supports: another model may well serve the request.
+_MODEL_VALIDATION_MARKERS = (
+    "model identifier",
+    "doesn't support",
+    "does not support",
+    "on-demand throughput",
+)
+
+
+def default_credentials() -> Credentials | None:
+    """The standard AWS chain (env, shared files, SSO, container/instance roles)."""
+    import botocore.session
+
+    return botocore.session.Session().get_credentials()
+
+
+class BedrockProvider:
+    """`complete()` = Converse, `stream()` = ConverseStream. One call, one HTTP request."""
+
+    name = "bedrock"
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        endpoint_url: str | None = None,
+        credentials_resolver: CredentialsResolver = default_credentials,
+    ) -> None:
+        self._region = region
+        self._endpoint = (endpoint_url or f"https://bedrock-runtime.{region}.amazonaws.com").rstrip(
+            "/"
+        )
+        self._resolve_credentials = credentials_resolver
+        self._credentials: Credentials | None = None
+        self._credentials_lock = asyncio.Lock()
+        self._session = SessionHolder()
+        self._urls: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BedrockProvider:
+        return cls(region=settings.aws_region, endpoint_url=settings.bedrock_endpoint_url)
+
+    # ------------------------------------------------------------------ calls
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        url, body, headers = await self._prepare(request, stream=False)
+        try:
+            async with self._session.get().post(
+                URL(url, encoded=True),
+                data=body,
+                headers=headers,
+                timeout=call_timeout(request.timeout_s),
+            ) as response:
+                if response.status != 200:
+                    raise await _error_from_response(response)
+                raw = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, phase="calling bedrock") from exc
+        return decode_response(request.model, raw)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        url, body, headers = await self._prepare(request, stream=True)
+        decoder = StreamDecoder()
+        phase = "calling bedrock"
+        try:
+            async with self._session.get().post(
+                URL(url, encoded=True),
+                data=body,
+                headers=headers,
+                timeout=stream_timeout(request.timeout_s),
+            ) as response:
+                if response.status != 200:
+                    raise await _error_from_response(response)
+                phase = "reading stream"
+                # botocore reassembles frames from aiohttp's arbitrary chunks and checks CRCs.
+                frames = EventStreamBuffer()
+                async for chunk in response.content.iter_any():
+                    frames.add_data(chunk)
+                    for message in frames:
+                        event = decoder.handle(message)
+                        if event is not None:
+                            yield event
+                    if decoder.complete:
+                        break  # metadata after messageStop: nothing else is coming
+        except TRANSPORT_ERRORS as exc:
+            # After messageStop the answer is whole; only the trailing metadata frame is lost.
+            if decoder.stop_reason is None:
+                raise transport_error(exc, phase=phase) from exc
+        except (ParserError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            # Bad CRC, bad framing or an event payload that is not what Converse sends.
+            raise ProviderError(
+                ErrorKind.TRANSIENT,
+                f"malformed event stream: {type(exc).__name__}: {exc}",
+                error_type="malformed_stream",
+            ) from exc
+        if decoder.stop_reason is None:
+            raise stream_cut()
+        yield UsageEvent(decoder.usage)
+        yield StopEvent(decoder.stop_reason)
+
+    async def aclose(self) -> None:
+        await self._session.aclose()
+
+    # ------------------------------------------------------------------ signing
+
+    async def _prepare(
+        self, request: ChatRequest, *, stream: bool
+    ) -> tuple[str, bytes, dict[str, str]]:
+        urls = self._urls.get(request.model)
+        if urls is None:
+            base = f"{self._endpoint}/model/{quote(request.model, safe='')}"
+            urls = self._urls[request.model] = (f"{base}/converse", f"{base}/converse-stream")
+        url = urls[1] if stream else urls[0]
+        body = orjson.dumps(encode_request(request))
+        aws_request = AWSRequest(
+            method="POST",
+            url=url,
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                "Accept": _EVENTSTREAM if stream else "application/json",
+            },
+        )
+        SigV4Auth(await self._frozen_credentials(), _SERVICE, self._region).add_auth(aws_request)
+        return url, body, dict(aws_request.headers.items())
+
+    async def _frozen_credentials(self) -> ReadOnlyCredentials:
+        credentials = self._credentials
+        if credentials is None:
+            async with self._credentials_lock:
+                if self._credentials is None:
+                    # The chain may read files or call the instance metadata service: off-loop,
+                    # once. A failed lookup is not cached, so a fixed environment recovers.
+                    self._credentials = await asyncio.to_thread(self._resolve_credentials)
+                credentials = self._credentials
+            if credentials is None:
+                raise ProviderError(
+                    ErrorKind.MODEL, "no AWS credentials found", error_type="NoCredentials"
+                )
+        try:
+            if isinstance(credentials, RefreshableCredentials) and credentials.refresh_needed():
+                return await asyncio.to_thread(credentials.get_frozen_credentials)
+            return credentials.get_frozen_credentials()
+        except BotoCoreError as exc:
+            raise ProviderError(
+                ErrorKind.TRANSIENT,
+                f"refreshing AWS credentials failed: {exc}",
+                error_type=type(exc).__name__,
+            ) from exc
+
+
+# --------------------------------------------------------------------------- request mapping
+
+
+def encode_request(request: ChatRequest) -> dict[str, Any]:
+    """ChatRequest → Converse request body."""
+    # Bedrock rejects toolUse/toolResult blocks when no toolConfig is sent (e.g. the agent
+    # withdrew the tools to force a final answer): then they are rendered as text instead.
+    as_text = not request.tools
+    body: dict[str, Any] = {
+        "messages": [_encode_message(message, as_text) for message in request.messages]
+    }
+    if request.system:
+        body["system"] = [{"text": request.system}]
+    inference: dict[str, Any] = {}
+    if request.max_tokens is not None:
+        inference["maxTokens"] = request.max_tokens
+    if request.temperature is not None:
+        inference["temperature"] = request.temperature
+    if inference:
+        body["inferenceConfig"] = inference
+    if request.tools:
+        body["toolConfig"] = {
+            "tools": [
+                {
+                    "toolSpec": {
+                        "name": tool.name,
+                        "description": tool.description,
+                        "inputSchema": {"json": tool.input_schema},
+                    }
+                }
+                for tool in request.tools
+            ]
+        }
+    return body
+
+
+def _encode_message(message: Message, tools_as_text: bool) -> dict[str, Any]:
+    blocks = message.content
+    if len(blocks) > 1:  # Bedrock rejects blank text blocks next to tool blocks
+        blocks = tuple(b for b in blocks if not (isinstance(b, TextBlock) and not b.text))
+    return {
+        "role": message.role,
+        "content": [_encode_block(block, tools_as_text) for block in blocks],
+    }
+
+
+def _encode_block(block: ContentBlock, tools_as_text: bool) -> dict[str, Any]:
+    if isinstance(block, TextBlock):
+        return {"text": block.text}
+    if isinstance(block, ToolUseBlock):
+        if tools_as_text:
+            return {"text": f"[tool call {block.name}: {orjson.dumps(block.input).decode()}]"}
+        return {"toolUse": {"toolUseId": block.id, "name": block.name, "input": block.input}}
+    if tools_as_text:
+        label = "tool error" if block.is_error else "tool result"
+        return {"text": f"[{label}: {block.content}]"}
+    return {
+        "toolResult": {
+            "toolUseId": block.tool_use_id,
+            "content": [{"text": block.content}],
+            "status": "error" if block.is_error else "success",
+        }
+    }
+
+
+# --------------------------------------------------------------------------- response mapping
+
+
+def decode_response(model: str, raw: bytes) -> ChatResponse:
+    """Converse response body → ChatResponse."""
+    try:
+        data = orjson.loads(raw)
+        blocks = (_decode_block(block) for block in data["output"]["message"]["content"])
+        content = tuple(block for block in blocks if block is not None)
+        stop_reason = data.get("stopReason") or "end_turn"
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise ProviderError(
+            ErrorKind.TRANSIENT, "malformed Converse response", error_type="malformed_response"
+        ) from exc
+    _check_stop_reason(stop_reason)
+    return ChatResponse(model, content, stop_reason, _usage(data.get("usage")))
+
+
+def _decode_block(block: dict[str, Any]) -> ContentBlock | None:
+    if "text" in block:
+        return TextBlock(block["text"])
+    if "toolUse" in block:
+        tool = block["toolUse"]
+        return ToolUseBlock(tool["toolUseId"], tool["name"], tool.get("input") or {})
+    return None  # reasoningContent, images, …: nothing our callers consume
+
+
+def _usage(raw: Any) -> Usage:
+    if not isinstance(raw, dict):
+        return Usage()
+    return Usage(int(raw.get("inputTokens") or 0), int(raw.get("outputTokens") or 0))
+
+
+def _check_stop_reason(stop_reason: str) -> None:
+    if stop_reason == "content_filtered":
+        raise ProviderError(
+            ErrorKind.MODEL,
+            "answer blocked by the model's content filter",
+            error_type="content_filtered",
+        )
+
+
+class StreamDecoder:
+    """ConverseStream events → our stream events. Tool input arrives as JSON fragments."""
+
+    __slots__ = ("_tools", "complete", "stop_reason", "usage")
+
+    def __init__(self) -> None:
+        self._tools: dict[int, tuple[str, str, list[str]]] = {}
+        self.complete = False  # metadata after messageStop: the last frame Bedrock sends
+        self.stop_reason: str | None = None
+        self.usage = Usage()
+
+    def handle(self, message: EventStreamMessage) -> StreamEvent | None:
+        headers = message.headers
+        message_type = headers.get(":message-type")
+        if message_type != "event":
+            raise _stream_exception(message)
+        event_type = headers.get(":event-type")
+        payload = orjson.loads(message.payload) if message.payload else {}
+        if event_type == "contentBlockDelta":
+            delta = payload["delta"]
+            if "text" in delta:
+                return TextDelta(delta["text"]) if delta["text"] else None
+            if "toolUse" in delta:
+                self._tools[payload["contentBlockIndex"]][2].append(delta["toolUse"]["input"])
+            return None
+        if event_type == "contentBlockStart":
+            tool = payload.get("start", {}).get("toolUse")
+            if tool is not None:
+                self._tools[payload["contentBlockIndex"]] = (tool["toolUseId"], tool["name"], [])
+            return None
+        if event_type == "contentBlockStop":
+            pending = self._tools.pop(payload.get("contentBlockIndex", -1), None)
+            if pending is None:
+                return None
+            return ToolUseEvent(ToolUseBlock(pending[0], pending[1], _tool_input(pending[2])))
+        if event_type == "messageStop":
+            self.stop_reason = payload.get("stopReason") or "end_turn"
+            _check_stop_reason(self.stop_reason)
+        elif event_type == "metadata":
+            self.usage = _usage(payload.get("usage"))
+            self.complete = self.stop_reason is not None
+        return None  # messageStart and anything new
+
+
+def _tool_input(fragments: Sequence[str]) -> dict[str, Any]:
+    raw = "".join(fragments)
+    if not raw:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(
+            ErrorKind.TRANSIENT, "malformed tool input in stream", error_type="malformed_stream"
+        ) from exc
+    return value if isinstance(value, dict) else {"value": value}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def classify(status: int | None, error_type: str, message: str) -> ErrorKind:
+    """Bedrock's exception names first, then the HTTP status."""
+    lowered = error_type.lower()
+    if lowered in _TRANSIENT_TYPES:
+        return ErrorKind.TRANSIENT
+    if lowered in _MODEL_TYPES:
+        return ErrorKind.MODEL
+    if lowered == "validationexception" or (not lowered and status == 400):
+        if (
+            is_context_overflow(message)
+            or is_content_filtered(message)
+            or mentions(message, _MODEL_VALIDATION_MARKERS)
+        ):
+            return ErrorKind.MODEL
+        return ErrorKind.REQUEST
+    if status is None:  # an unknown in-stream exception: the stream failed mid-way
+        return ErrorKind.TRANSIENT
+    return classify_status(status)
+
+
+async def _error_from_response(response: aiohttp.ClientResponse) -> ProviderError:
+    status = response.status
+    raw = await response.read()
+    try:
+        data = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    message = str(data.get("message") or data.get("Message") or raw[:200].decode(errors="replace"))
+    # `x-amzn-ErrorType: ThrottlingException:http://internal.amazon.com/coral/...`
+    error_type = response.headers.get("x-amzn-ErrorType", "").partition(":")[0]
+    if not error_type:
+        error_type = str(data.get("__type", "")).rpartition("#")[2]
+    return ProviderError(
+        classify(status, error_type, message),
+        f"bedrock {status} {error_type or 'error'}: {message}",
+        status=status,
+        error_type=error_type or None,
+        retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def _stream_exception(message: EventStreamMessage) -> ProviderError:
+    headers = message.headers
+    error_type = headers.get(":exception-type") or headers.get(":error-code") or "unknown"
+    try:
+        text = orjson.loads(message.payload).get("message", "") if message.payload else ""
+    except (orjson.JSONDecodeError, AttributeError):
+        text = ""
+    text = text or headers.get(":error-message") or error_type
+    return ProviderError(
+        classify(None, error_type, text),
+        f"bedrock stream {error_type}: {text}",
+        error_type=error_type,
+    )
