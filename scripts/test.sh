@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
 scripts/ensure_engines.sh
 scripts/ensure_promtool.sh
-scripts/ensure-chromium.sh
+scripts/ensure_chromium.sh
 .venv/bin/ruff check --quiet
 exec .venv/bin/python -m pytest "$@"

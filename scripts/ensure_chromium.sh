@@ -6,7 +6,7 @@ set -uo pipefail
 CHROMIUM=${CHROMIUM_PATH:-/usr/bin/chromium}
 [ -x "$CHROMIUM" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "scripts/ensure-chromium.sh: installing Debian's chromium for the browser tests…" >&2
+  echo "scripts/ensure_chromium.sh: installing Debian's chromium for the browser tests…" >&2
   if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/tmp/rom-agent-chromium-install.log 2>&1; then
     exit 0
   fi
