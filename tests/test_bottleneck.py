@@ -650,10 +650,13 @@ async def test_snapshot_for_the_admin_route() -> None:
 
     assert bottleneck.snapshot() == {
         "enabled": True,
+        "scope": "replica",
+        "fleetAdmission": False,
         "draining": False,
         "running": 2,
         "queued": 1,
         "maxConcurrent": 2,
+        "localLimit": 2,
         "maxQueue": 3,
         "queueTimeoutS": 7.5,
         "serviceTimeS": 2.0,

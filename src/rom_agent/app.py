@@ -93,7 +93,7 @@ def create_services(
     bottleneck = Bottleneck(flags, clock, metrics)
     metrics.breaker_source = breakers
     metrics.admission_source = bottleneck
-    fleet = Fleet(settings, flags, bottleneck, metrics)
+    fleet = Fleet(settings, flags, bottleneck, metrics, clock)
     pipeline = Pipeline(flags, providers, breakers, metrics, clock)
     tools = tools if tools is not None else default_registry(settings.kb_dir)
     agent = AgentLoop(tools, flags, metrics, clock)

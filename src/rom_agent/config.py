@@ -71,6 +71,7 @@ ModelChain = Annotated[CsvList, AfterValidator(_check_chain)]
 LogLevel = Annotated[
     Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
 ]
+AdmissionScope = Annotated[Literal["replica", "fleet"], BeforeValidator(_lower)]
 GuardrailMode = Annotated[Literal["off", "dry-run", "soft", "full"], BeforeValidator(_lower)]
 
 
@@ -143,6 +144,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     replica_id: str = ""  # "" = host name + process id
     fleet_key_prefix: str = Field("rom-agent:", min_length=1, max_length=100)
+    fleet_lease_ttl_s: float = Field(10.0, ge=1, le=600)
+    # Where MAX_CONCURRENT / MAX_QUEUE apply: this process, or the whole fleet (needs Redis).
+    admission_scope: AdmissionScope = "replica"
     history_max_messages: int = Field(30, ge=1, le=10_000)
     max_agent_turns: int = Field(10, ge=1, le=100)
     kb_dir: str = "./kb"
@@ -167,6 +171,13 @@ class Settings(BaseSettings):
             return None  # REDIS_URL= (empty) means "no Redis"
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://host:port/db, rediss://… or unix://…")
+        return value
+
+    @field_validator("admission_scope")
+    @classmethod
+    def _fleet_needs_redis(cls, value: str, info: Any) -> str:
+        if value == "fleet" and not info.data.get("redis_url"):
+            raise ValueError("fleet needs REDIS_URL (the fleet-wide budget lives in Redis)")
         return value
 
     @field_validator("retry_max_delay_ms")

@@ -40,6 +40,7 @@ RUNTIME_KEYS: tuple[str, ...] = (
     "max_concurrent",
     "max_queue",
     "queue_timeout_s",
+    "admission_scope",
     "max_retries",
     "retry_base_delay_ms",
     "retry_max_delay_ms",
@@ -70,6 +71,7 @@ STATIC_KEYS: tuple[str, ...] = (
     "redis_url",
     "replica_id",
     "fleet_key_prefix",
+    "fleet_lease_ttl_s",
     "kb_dir",
     "cors_origins",
     "log_level",  # loggers are built once at startup (cached for speed)

@@ -18,9 +18,11 @@ from prometheus_client.registry import Collector
 
 from rom_agent import __version__
 from rom_agent.fleet.flag_sync import FlagSync
+from rom_agent.fleet.leases import FleetAdmission
 from rom_agent.fleet.replicas import ReplicaRegistry
 from rom_agent.fleet.shared_state import SharedState, SharedStateDown
 from rom_agent.logs import get_logger
+from rom_agent.resilience.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
     from rom_agent.config import Settings
@@ -43,6 +45,7 @@ class Fleet:
         flags: FlagStore,
         bottleneck: Bottleneck,
         metrics: Metrics | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.replica_id = settings.replica_id or default_replica_id()
         self._flags = flags
@@ -52,11 +55,23 @@ class Fleet:
         self.errors: dict[str, int] = {}
         self.shared: SharedState | None = None
         self.registry: ReplicaRegistry | None = None
+        self.admission: FleetAdmission | None = None
         if settings.redis_url:
             self.shared = SharedState(
                 settings.redis_url, prefix=settings.fleet_key_prefix, on_error=self._count_error
             )
             self.registry = ReplicaRegistry(self.shared, self.replica_id, self.describe)
+            self.admission = FleetAdmission(
+                self.shared,
+                self.replica_id,
+                flags,
+                clock or SystemClock(),
+                lease_ttl_s=settings.fleet_lease_ttl_s,
+            )
+            self.admission.bottleneck = bottleneck
+            bottleneck.remote = self.admission
+            registry = self.registry
+            bottleneck.replica_count = lambda: registry.last_known_count
         self.flag_sync: FlagSync | None = None
         if metrics is not None:
             metrics.registry.register(_FleetCollector(self))
@@ -87,10 +102,15 @@ class Fleet:
         }
 
     async def start(self, store: StoreBackend) -> None:
-        if store.kind == "postgresql":
-            self.flag_sync = FlagSync(self._flags, self.shared, replica_id=self.replica_id)
+        shared_flags = store.kind == "postgresql"
+        if shared_flags or self.shared is not None:
+            self.flag_sync = FlagSync(
+                self._flags, self.shared, replica_id=self.replica_id, replicate_flags=shared_flags
+            )
+            if self.admission is not None:
+                self.flag_sync.handle("admission", self.admission.on_promoted)
             self.flag_sync.start()
-        elif self.shared is not None:
+        if not shared_flags and self.shared is not None:
             log.warning(
                 "REDIS_URL is set but DATABASE_URL is SQLite: runtime flags and conversations "
                 "stay per replica (use PostgreSQL for a fleet)"
@@ -98,9 +118,13 @@ class Fleet:
         if self.shared is not None and self.registry is not None:
             self.shared.start()
             self.registry.start()
+            if self.admission is not None:
+                self.admission.start()
             log.info("fleet mode", replica=self.replica_id, prefix=self.shared.prefix)
 
     async def close(self) -> None:
+        if self.admission is not None:
+            await self.admission.close()
         if self.flag_sync is not None:
             await self.flag_sync.close()
         if self.registry is not None:

@@ -36,6 +36,7 @@ class FlagSync:
         *,
         replica_id: str,
         poll_interval_s: float = POLL_INTERVAL_S,
+        replicate_flags: bool = True,
     ) -> None:
         self._flags = flags
         self._shared = shared
@@ -46,7 +47,9 @@ class FlagSync:
         self._refreshing: asyncio.Task[None] | None = None
         self._again = False
         self.subscribed = False
-        flags.on_committed(self._publish_soon)
+        self._replicate = replicate_flags  # False with SQLite: each replica has its own file
+        if replicate_flags:
+            flags.on_committed(self._publish_soon)
 
     @property
     def channel(self) -> str:
@@ -59,7 +62,8 @@ class FlagSync:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._poll_loop()))
+        if self._replicate:
+            self._tasks.append(loop.create_task(self._poll_loop()))
         if self._shared is not None:
             self._tasks.append(loop.create_task(self._subscribe_loop()))
 
@@ -120,7 +124,8 @@ class FlagSync:
             try:
                 await pubsub.subscribe(self.channel)
                 self.subscribed = True
-                self._refresh_soon()  # whatever was published while we were not listening
+                if self._replicate:
+                    self._refresh_soon()  # whatever was published while we were not listening
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
@@ -146,7 +151,7 @@ class FlagSync:
             log.warning("malformed fleet event ignored")
             return
         if kind == "flags":
-            if int(event.get("version", 0)) > self._flags.version:
+            if self._replicate and int(event.get("version", 0)) > self._flags.version:
                 self._refresh_soon()
             return
         handler = self._handlers.get(kind)

@@ -4,9 +4,12 @@ soon as the client goes away."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from starlette.requests import Request
 
+from rom_agent.fleet.leases import FleetAdmission, FleetWaiter
 from rom_agent.http.errors import ApiError
 from rom_agent.resilience.bottleneck import Bottleneck, Permit
 
@@ -20,21 +23,40 @@ async def _disconnected(request: Request) -> None:
 
 async def admit(request: Request, bottleneck: Bottleneck) -> Permit:
     """A slot for this request. Admission and rejection are immediate; only a queued request
-    waits, racing its turn against the client's disconnect."""
+    waits, racing its turn against the client's disconnect.
+
+    With fleet-wide admission (ADMISSION_SCOPE=fleet) that costs one Redis call; if Redis does
+    not answer, the local admission with its conservative share decides instead."""
+    remote = bottleneck.remote_gate()
+    if remote is not None:
+        assert isinstance(remote, FleetAdmission)
+        outcome = await remote.try_acquire(bottleneck.admit_remote)
+        if isinstance(outcome, Permit):
+            return outcome
+        if isinstance(outcome, FleetWaiter):
+            waiter = outcome
+            return await _wait(request, waiter.future, lambda: remote.abandon(waiter))
     permit = bottleneck.try_acquire()
     if permit is not None:
         return permit
-    waiter = bottleneck.enqueue()
+    local = bottleneck.enqueue()
+    return await _wait(request, local.future, lambda: bottleneck.abandon(local))
+
+
+async def _wait(
+    request: Request, future: asyncio.Future[Any], abandon: Callable[[], None]
+) -> Permit:
     watching = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait((waiter.future, watching), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((future, watching), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        bottleneck.abandon(waiter)
+        abandon()
         raise
     finally:
         watching.cancel()
-    if waiter.future.done():
-        return waiter.future.result()  # the permit, or AdmissionRejected (queue timeout)
-    bottleneck.abandon(waiter)  # leaves the queue; a slot granted meanwhile is passed on
+    if future.done():
+        permit: Permit = future.result()  # the permit, or AdmissionRejected (queue timeout)
+        return permit
+    abandon()  # leaves the queue; a slot granted meanwhile is passed on
     # Nobody is listening any more; this answer is never delivered.
     raise ApiError(499, "CLIENT_CLOSED_REQUEST", "client disconnected while queued")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -95,15 +96,20 @@ class Permit:
     Also an async context manager: `async with await bottleneck.acquire(): ...`.
     """
 
-    __slots__ = ("_admitted_at", "_owner", "_released", "waited_s")
+    __slots__ = ("_admitted_at", "_owner", "_released", "lease", "waited_s")
 
     def __init__(
-        self, owner: Bottleneck | None, admitted_at: float = 0.0, waited_s: float = 0.0
+        self,
+        owner: Bottleneck | None,
+        admitted_at: float = 0.0,
+        waited_s: float = 0.0,
+        lease: str | None = None,
     ) -> None:
         self._owner = owner  # None: admission control was off, nothing to give back
         self._admitted_at = admitted_at
         self._released = False
         self.waited_s = waited_s
+        self.lease = lease  # fleet scope: the Redis lease this permit holds
 
     @property
     def counted(self) -> bool:
@@ -145,8 +151,26 @@ class _Waiter:
         self.timer: asyncio.Task[None] | None = None
 
 
+class RemoteAdmission(Protocol):
+    """The fleet-wide side (`fleet.leases.FleetAdmission`), attached when Redis is configured."""
+
+    @property
+    def available(self) -> bool: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def release_soon(self, lease: str) -> None: ...
+
+
 class Bottleneck:
     """Admission control for chat requests. Knows nothing about HTTP.
+
+    With ADMISSION_SCOPE=fleet and Redis answering, the limits are fleet-wide and admission
+    goes through `remote` (see `fleet/leases.py`); permits it grants are counted here too, so
+    gauges, drain and the local fallback see them. When Redis is down the local path applies
+    a conservative share: `ceil(limit / last known replica count)` for both the concurrency
+    limit and the queue cap — never the whole budget per replica, never unlimited.
 
     Construction subscribes to `flags`, so limit and enable-flag changes take effect at once.
     `running` and `queued` satisfy `metrics.AdmissionGauges`.
@@ -180,7 +204,57 @@ class Bottleneck:
             "queue_timeout": 0,
             "draining": 0,
         }
+        self.remote: RemoteAdmission | None = None
+        self.replica_count: Callable[[], int] = lambda: 1
         flags.subscribe(self._on_settings)
+
+    # ------------------------------------------------------------------ fleet scope
+
+    def _fleet_scope(self, settings: Settings) -> bool:
+        return settings.admission_scope == "fleet" and self.remote is not None
+
+    def remote_gate(self) -> RemoteAdmission | None:
+        """The fleet-wide admission to use for the next request, or None for the local one."""
+        settings = self._flags.current
+        remote = self.remote
+        if (
+            remote is None
+            or self._draining
+            or not settings.enable_bottleneck
+            or settings.admission_scope != "fleet"
+            or not remote.available
+        ):
+            return None
+        return remote
+
+    def _local_limit(self, settings: Settings) -> int:
+        limit = self._limit.current()
+        if self._fleet_scope(settings):
+            return math.ceil(limit / max(1, self.replica_count()))
+        return limit
+
+    def _queue_cap(self, settings: Settings) -> int:
+        if self._fleet_scope(settings):
+            return math.ceil(settings.max_queue / max(1, self.replica_count()))
+        return settings.max_queue
+
+    def admit_remote(self, lease: str, waited_s: float, queued: bool) -> Permit:
+        """A permit for a slot granted fleet-wide (counted here like a local one)."""
+        permit = self._admit(self._clock.now(), waited_s=waited_s, queued=queued)
+        permit.lease = lease
+        return permit
+
+    def reject_remote(
+        self, reason: RejectReason, message: str, *, queued: int, limit: int
+    ) -> AdmissionRejected:
+        """Count a fleet-wide rejection; its Retry-After uses the fleet's numbers."""
+        self._rejected[reason] += 1
+        if self._metrics is not None:
+            self._metrics.admission_rejected(reason)
+        return AdmissionRejected(reason, message, self._retry_after(queued, limit))
+
+    def notify_idle(self) -> None:
+        self._notify_if_idle()
 
     # ------------------------------------------------------------------ public API
 
@@ -191,7 +265,7 @@ class Bottleneck:
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return len(self._waiters) + (self.remote.queued if self.remote is not None else 0)
 
     @property
     def draining(self) -> bool:
@@ -218,20 +292,23 @@ class Bottleneck:
             raise self._reject("draining", settings)
         if not settings.enable_bottleneck:
             return Permit(None)
-        limit = self._limit.current()
+        limit = self._local_limit(settings)
         if self._running < limit:
             if self._waiters:
                 self._dispatch()  # the limit rose since the last release: serve the queue first
             if self._running < limit:
                 return self._admit(self._clock.now(), waited_s=0.0, queued=False)
-        if len(self._waiters) >= settings.max_queue:
+        if len(self._waiters) >= self._queue_cap(settings):
             raise self._reject("queue_full", settings)
         return None
 
     def retry_after_s(self) -> int:
         """Whole seconds a rejected client should wait; see the module docstring."""
+        return self._retry_after(len(self._waiters), self._local_limit(self._flags.current))
+
+    def _retry_after(self, queued: int, limit: int) -> int:
         service_s = self._service_ewma_s if self._service_ewma_s is not None else _SERVICE_PRIOR_S
-        estimate = service_s * (len(self._waiters) + 1) / max(1, self._limit.current())
+        estimate = service_s * (queued + 1) / max(1, limit)
         cap = math.ceil(self._flags.current.queue_timeout_s)
         return max(1, min(math.ceil(estimate), cap))
 
@@ -268,10 +345,13 @@ class Bottleneck:
         settings = self._flags.current
         return {
             "enabled": settings.enable_bottleneck,
+            "scope": settings.admission_scope,
+            "fleetAdmission": self.remote_gate() is not None,
             "draining": self._draining,
             "running": self._running,
-            "queued": len(self._waiters),
+            "queued": self.queued,
             "maxConcurrent": self._limit.current(),
+            "localLimit": self._local_limit(settings),
             "maxQueue": settings.max_queue,
             "queueTimeoutS": settings.queue_timeout_s,
             "serviceTimeS": self._service_ewma_s,
@@ -302,7 +382,7 @@ class Bottleneck:
             # SPEC §3 wording; equal to (MAX_QUEUE/MAX_QUEUE) unless the cap was just lowered.
             message = (
                 "Service temporarily unavailable: "
-                f"queue full ({len(self._waiters)}/{settings.max_queue})"
+                f"queue full ({len(self._waiters)}/{self._queue_cap(settings)})"
             )
         elif reason == "queue_timeout":
             message = (
@@ -364,6 +444,8 @@ class Bottleneck:
 
     def _on_release(self, permit: Permit, *, measured: bool) -> None:
         now = self._clock.now()
+        if permit.lease is not None and self.remote is not None:
+            self.remote.release_soon(permit.lease)
         self._running -= 1
         self._completed += 1
         if measured:
@@ -381,7 +463,7 @@ class Bottleneck:
         """Hand free slots to the head of the queue; with the flag off, let every waiter run."""
         if self._waiters:
             enabled = self._flags.current.enable_bottleneck
-            limit = self._limit.current()
+            limit = self._local_limit(self._flags.current)
             now = self._clock.now()
             while self._waiters and (self._running < limit or not enabled):
                 waiter, _ = self._waiters.popitem(last=False)
@@ -397,7 +479,7 @@ class Bottleneck:
         self._notify_if_idle()
 
     def _is_idle(self) -> bool:
-        return self._running == 0 and not self._waiters
+        return self._running == 0 and self.queued == 0
 
     def _notify_if_idle(self) -> None:
         if self._idle_waiters and self._is_idle():
