@@ -202,6 +202,18 @@ class Fault:
 
 
 CONTEXT = "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
+# OpenAI's own body for it (code `string_above_max_length`): "too long", yet no context error.
+TOO_LONG = (
+    "Invalid 'messages[0].content': string too long. Expected a string with maximum length "
+    "10485760, but got a string with length 10485761 instead."
+)
+# Outcomes that are the client's to fix: a 400 whose `recoverable` is false.
+CLIENT_OUTCOMES = frozenset({"INVALID_REQUEST", "CONTENT_FILTERED", "CONTEXT_LENGTH_EXCEEDED"})
+# In OpenAI's error shape, `error.code` is OpenAI's own code where it has one.
+OPENAI_CODES = {
+    "CONTENT_FILTERED": "content_policy_violation",
+    "CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded",
+}
 
 OPENAI_FAULTS = [
     Fault(
@@ -326,18 +338,56 @@ OPENAI_FAULTS = [
         id="context-length",
     ),
     Fault(
-        "content filter on the prompt (400 `content_filter`)",
+        "content filter on the prompt (400 `content_filter`): the caller's answer",
         persistent=Behaviour(status=400, error_type="content_filter"),
-        model="backup",
-        requests=(1, 1),
+        outcome="CONTENT_FILTERED",
+        model=None,
+        requests=(1, 0),
+        recoverable=False,
         id="content-filter-prompt",
     ),
     Fault(
         "content filter mid-answer (`finish_reason: content_filter`)",
         persistent=Behaviour(text=PRIMARY_TEXT, stop_reason="content_filter"),
-        outcome="STREAM_INTERRUPTED",
+        outcome="CONTENT_FILTERED",
         chunks=PRIMARY_CHUNKS,
+        recoverable=False,
         id="content-filter-answer",
+    ),
+    Fault(
+        "context length exceeded on every model of the chain",
+        persistent=Behaviour(status=400, error_type="context_length_exceeded", message=CONTEXT),
+        backup=Behaviour(status=400, error_type="context_length_exceeded", message=CONTEXT),
+        outcome="CONTEXT_LENGTH_EXCEEDED",
+        model=None,
+        requests=(1, 1),
+        recoverable=False,
+        id="context-length-everywhere",
+    ),
+    Fault(
+        "string too long (400 `string_above_max_length`): the request's fault, no fallback",
+        persistent=Behaviour(status=400, error_type="string_above_max_length", message=TOO_LONG),
+        outcome="INVALID_REQUEST",
+        model=None,
+        recoverable=False,
+        id="string-too-long",
+    ),
+    Fault(
+        "`[DONE]` without finish_reason before any text (llama.cpp interrupted it)",
+        persistent=Behaviour(text="", done_without_finish=True),
+        model="backup",
+        requests=(1, 1),
+        id="done-without-finish",
+    ),
+    Fault(
+        "empty 200 to a streamed over-long prompt (llama.cpp); unstreamed it says why",
+        script=(
+            Behaviour(empty_body=True),
+            Behaviour(status=400, error_type="context_length_exceeded", message=CONTEXT),
+        ),
+        model="backup",
+        requests=(2, 1),
+        id="empty-200",
     ),
     Fault(
         "invalid request (400 `invalid_request_error`)",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from rom_agent.providers.base import ModelRef
+from rom_agent.providers.base import ErrorKind, ModelRef, ProviderError
 from rom_agent.resilience.errors import (
     CircuitOpenError,
+    ContextLengthExceededError,
     RequestRejectedError,
     UpstreamFailedError,
 )
@@ -67,7 +68,12 @@ def test_pipeline_chain_for_uses_model_chain() -> None:
 async def test_falls_back_in_order_and_records_each_step() -> None:
     h = make_harness(model_chain=CHAIN3, enable_retry=False)
     h.provider.script("rom-sim-1", transient(503))
-    h.provider.script("rom-sim-2", model_error("This model's maximum context length is 8k"))
+    h.provider.script(
+        "rom-sim-2",
+        model_error(
+            "openai returned 400 (context_length_exceeded)", error_type="context_length_exceeded"
+        ),
+    )
     result = await h.complete(h.call(chain=CONFIGURED))
     assert result.model == SIM3
     assert result.fallback_used is True
@@ -87,7 +93,6 @@ async def test_falls_back_in_order_and_records_each_step() -> None:
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
-        (model_error("blocked by content filter", error_type="content_filtered"), "content_filter"),
         (model_error("access denied", status=403), "model_error"),
         (model_error("x", error_type="context_length_exceeded"), "context_length"),
     ],
@@ -194,3 +199,70 @@ async def test_unconfigured_provider_is_a_model_error_and_falls_back() -> None:
     assert result.model == SIM1
     assert result.tried[0].reason == "model_error"
     assert "provider 'bedrock' is not configured" in result.tried[0].message
+
+
+# --------------------------------------------------------------------------- request-level verdicts
+
+
+def context_error() -> Exception:
+    return model_error(
+        "openai returned 400 (context_length_exceeded)",
+        status=400,
+        error_type="context_length_exceeded",
+    )
+
+
+def policy_error() -> Exception:
+    return ProviderError(
+        ErrorKind.POLICY,
+        "openai returned 400 (content_filter)",
+        status=400,
+        error_type="content_filter",
+    )
+
+
+async def test_context_length_on_every_model_is_the_clients_400() -> None:
+    h = make_harness()
+    h.provider.script("rom-sim-1", context_error())
+    h.provider.script("rom-sim-2", context_error())
+    with pytest.raises(ContextLengthExceededError) as excinfo:
+        await h.complete()
+    error = excinfo.value
+    assert (error.status, error.code, error.openai_code) == (
+        400,
+        "CONTEXT_LENGTH_EXCEEDED",
+        "context_length_exceeded",
+    )
+    assert h.provider.calls() == 2  # each model got its chance: windows differ
+
+
+async def test_a_mix_of_context_length_and_outage_keeps_the_502() -> None:
+    h = make_harness(enable_retry=False)
+    h.provider.script("rom-sim-1", context_error())
+    h.provider.script("rom-sim-2", transient(503))
+    with pytest.raises(UpstreamFailedError):
+        await h.complete()
+
+
+async def test_a_content_policy_refusal_is_one_attempt_no_fallback_not_counted() -> None:
+    h = make_harness(enable_circuit_breaker=True)
+    h.provider.script("rom-sim-1", policy_error())
+    with pytest.raises(RequestRejectedError) as excinfo:
+        await h.complete()
+    error = excinfo.value
+    assert (error.status, error.code, error.openai_code) == (
+        400,
+        "CONTENT_FILTERED",
+        "content_policy_violation",
+    )
+    assert h.provider.calls() == 1
+    assert h.sample("circuit_breaker_failure_total", operation="converse", model="rom-sim-1") == 0
+
+
+async def test_content_policy_fallback_is_an_operator_choice() -> None:
+    h = make_harness(enable_circuit_breaker=True, content_policy_fallback=True)
+    h.provider.script("rom-sim-1", policy_error())
+    result = await h.complete()
+    assert result.model == SIM2
+    assert [(f.reason, f.attempts) for f in result.tried] == [("content_filter", 1)]
+    assert h.sample("circuit_breaker_failure_total", operation="converse", model="rom-sim-1") == 0

@@ -25,6 +25,8 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.gates import wait_until
 from tests.stream_harness import (
     BACKUP_TEXT,
+    CLIENT_OUTCOMES,
+    OPENAI_CODES,
     OPENAI_FAULTS,
     PRIMARY_TEXT,
     Fault,
@@ -213,7 +215,8 @@ def test_fault_matrix_streaming_with_the_sdk(
     elif committed_error(fault):
         # The SDK raises while iterating, after the part of the answer that came through.
         assert raised is not None and not isinstance(raised, openai.APIStatusError)
-        assert raised.code == fault.outcome and raised.type == "server_error"
+        kind = "invalid_request_error" if fault.outcome in CLIENT_OUTCOMES else "server_error"
+        assert raised.code == fault.outcome and raised.type == kind
         # Exactly the text sent before the fault (chunks that arrived together travel together).
         assert text == "".join(Behaviour(text=PRIMARY_TEXT).text_chunks()[: fault.chunks])
         chunks = raw_chunks(body)
@@ -225,9 +228,10 @@ def test_fault_matrix_streaming_with_the_sdk(
     else:
         # Nothing was streamed: a plain HTTP error the SDK raises from create().
         assert isinstance(raised, openai.APIStatusError)
-        status = 400 if fault.outcome == "INVALID_REQUEST" else 502
+        status = 400 if fault.outcome in CLIENT_OUTCOMES else 502
         assert raised.status_code == status
-        assert isinstance(raised.body, dict) and raised.body["code"] == fault.outcome
+        code = OPENAI_CODES.get(fault.outcome, fault.outcome)
+        assert isinstance(raised.body, dict) and raised.body["code"] == code
         assert received == []
         name = type(raised).__name__
         saw = f"JSON error {fault.outcome}, no stream"
@@ -306,6 +310,22 @@ PLAIN_FAULTS = [
         id="invalid-request",
     ),
     Fault(
+        "context length exceeded on every model of the chain",
+        persistent=Behaviour(status=400, error_type="context_length_exceeded"),
+        backup=Behaviour(status=400, error_type="context_length_exceeded"),
+        outcome="CONTEXT_LENGTH_EXCEEDED",
+        model=None,
+        requests=(1, 1),
+        id="context-length-everywhere",
+    ),
+    Fault(
+        "content filter on the prompt (400 `content_filter`)",
+        persistent=Behaviour(status=400, error_type="content_filter"),
+        outcome="CONTENT_FILTERED",
+        model=None,
+        id="content-filter-prompt",
+    ),
+    Fault(
         "both models down (503 persistent on both)",
         persistent=Behaviour(status=503),
         backup=Behaviour(status=503),
@@ -338,14 +358,15 @@ def test_fault_matrix_plain_completions_with_the_sdk(
             status, saw = 200, "`chat.completion`"
         else:
             expected: type[openai.APIStatusError] = openai.InternalServerError
-            if fault.outcome == "INVALID_REQUEST":
+            if fault.outcome in CLIENT_OUTCOMES:
                 expected = openai.BadRequestError
             with pytest.raises(expected) as caught:
                 client.chat.completions.create(model="primary", messages=HELLO)
             error = caught.value
             status = error.status_code
-            assert status == (400 if fault.outcome == "INVALID_REQUEST" else 502)
-            assert isinstance(error.body, dict) and error.body["code"] == fault.outcome
+            assert status == (400 if fault.outcome in CLIENT_OUTCOMES else 502)
+            code = OPENAI_CODES.get(fault.outcome, fault.outcome)
+            assert isinstance(error.body, dict) and error.body["code"] == code
             if fault.outcome == "UPSTREAM_FAILED":  # the message names each model and why
                 assert "primary" in error.body["message"] and "backup" in error.body["message"]
             saw = f"JSON error {fault.outcome} — SDK: `{type(error).__name__}`"

@@ -342,7 +342,7 @@ HTTP_ERRORS = [
         400,
         "ValidationException",
         "Output blocked by content filtering policy",
-        ErrorKind.MODEL,
+        ErrorKind.POLICY,
         id="content-filter",
     ),
     pytest.param(
@@ -379,8 +379,14 @@ async def test_http_errors_are_classified(
 
     assert error.kind is kind
     assert error.status == status
-    assert error.error_type == (error_type or None)
-    assert message in error.message
+    canonical = {ErrorKind.POLICY: "content_filter"}.get(kind)
+    if "too long" in message:
+        canonical = "context_length_exceeded"
+    assert error.error_type == (canonical or error_type or None)
+    # The upstream's words go to the log (detail), never into the client-facing message.
+    assert error.detail == message
+    assert message not in error.message
+    assert error.message.startswith(f"bedrock returned {status} (")
     assert error.retry_after_s is None
     assert fake_bedrock.request_count == 1
 
@@ -424,18 +430,20 @@ async def test_in_stream_exceptions_are_classified(
     events, error = await collect_until_error(bedrock_provider.stream(ask()))
 
     assert events == [TextDelta("a"), TextDelta(" b")]
-    assert (error.kind, error.error_type, error.status) == (kind, error_type, None)
-    assert message in error.message
+    canonical = "context_length_exceeded" if "tokens" in message else error_type
+    assert (error.kind, error.error_type, error.status) == (kind, canonical, None)
+    assert error.detail == message and message not in error.message
     assert fake_bedrock.request_count == 1
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["converse", "stream"])
-async def test_content_filtered_answer_is_a_model_error(
-    bedrock_provider: BedrockProvider, fake_bedrock: FakeBedrock, streaming: bool
+@pytest.mark.parametrize("stop_reason", ["content_filtered", "guardrail_intervened"])
+async def test_content_filtered_answer_is_a_policy_error(
+    bedrock_provider: BedrockProvider, fake_bedrock: FakeBedrock, streaming: bool, stop_reason: str
 ) -> None:
-    fake_bedrock.script(Behaviour(text="", stop_reason="content_filtered"))
+    fake_bedrock.script(Behaviour(text="", stop_reason=stop_reason))
     error = await _failure(bedrock_provider, streaming)
-    assert (error.kind, error.error_type) == (ErrorKind.MODEL, "content_filtered")
+    assert (error.kind, error.error_type) == (ErrorKind.POLICY, "content_filter")
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["converse", "stream"])

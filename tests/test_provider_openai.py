@@ -243,11 +243,11 @@ HTTP_ERRORS = [
         ErrorKind.MODEL,
         id="context-length-vllm",
     ),
-    pytest.param(400, "content_filter", "filtered", ErrorKind.MODEL, id="content-filter"),
+    pytest.param(400, "content_filter", "filtered", ErrorKind.POLICY, id="content-filter"),
     pytest.param(404, "model_not_found", "no such model", ErrorKind.MODEL, id="model-not-found"),
     pytest.param(401, "invalid_api_key", "bad key", ErrorKind.MODEL, id="401"),
     pytest.param(403, None, "denied", ErrorKind.MODEL, id="403"),
-    pytest.param(429, "insufficient_quota", "quota", ErrorKind.MODEL, id="quota"),
+    pytest.param(429, "insufficient_quota", "no credit left", ErrorKind.MODEL, id="quota"),
 ]
 
 
@@ -267,9 +267,15 @@ async def test_http_errors_are_classified(
 
     assert error.kind is kind
     assert error.status == status
-    assert error.error_type == (code or error.error_type)  # the code, else the error type
+    if "context length" in message:
+        assert error.error_type == "context_length_exceeded"
+    else:
+        assert error.error_type == (code or error.error_type)  # the code, else the error type
     assert error.error_type
-    assert message in error.message
+    # The upstream's words go to the log (detail), never into the client-facing message.
+    assert error.detail == message
+    assert message not in error.message
+    assert error.message == f"openai returned {status} ({error.error_type})"
     assert fake_openai.request_count == 1
 
 
@@ -301,16 +307,17 @@ async def test_in_stream_error_is_transient(
     events, error = await collect_until_error(openai_provider.stream(ask()))
     assert events == [TextDelta("a")]
     assert error.kind is ErrorKind.TRANSIENT
-    assert "engine died" in error.message
+    assert error.detail == "engine died"
+    assert error.message == "openai stream error (server_error)"
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["json", "stream"])
-async def test_content_filter_finish_is_a_model_error(
+async def test_content_filter_finish_is_a_policy_error(
     openai_provider: OpenAIProvider, fake_openai: FakeOpenAI, streaming: bool
 ) -> None:
     fake_openai.script(Behaviour(text="", stop_reason="content_filter"))
     error = await _failure(openai_provider, streaming)
-    assert (error.kind, error.error_type) == (ErrorKind.MODEL, "content_filter")
+    assert (error.kind, error.error_type) == (ErrorKind.POLICY, "content_filter")
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["json", "stream"])

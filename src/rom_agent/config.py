@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = None
     simulator_latency_ms: int = Field(0, ge=0, le=600_000)
     simulator_chunk_delay_ms: int = Field(0, ge=0, le=60_000)  # between streamed chunks
+    # A prompt refused for content policy is the caller's answer (SPEC §4): on, the next
+    # model of the chain is tried instead. Off by default.
+    content_policy_fallback: StrictBool = False
 
     # Storage and agent
     database_url: str = "sqlite:///./data/rom-agent.db"

@@ -88,6 +88,7 @@ class Behaviour:
     # it interrupted); `interruptible`: such an end as soon as another request arrives
     # (its default `interrupt_requests`), after the chunks already sent.
     empty_body: bool = False
+    error_body: str | None = None  # a real upstream's error body, sent verbatim (OpenAI fake)
     done_without_finish: bool = False
     interruptible: bool = False
     reset: bool = False  # close the connection without any response

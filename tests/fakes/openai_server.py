@@ -176,6 +176,8 @@ class FakeOpenAI(FakeUpstream):
         if behaviour.retry_after is not None:
             headers["Retry-After"] = str(behaviour.retry_after)
         body = orjson.dumps({"error": _error_body(behaviour)})
+        if behaviour.error_body is not None:
+            body = behaviour.error_body.encode()
         return await self.send_body(
             request, behaviour, status=behaviour.status, headers=headers, body=body
         )

@@ -24,12 +24,16 @@ class ApiError(Exception):
         message: str,
         *,
         headers: dict[str, str] | None = None,
+        openai_code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.openai_code = openai_code  # OpenAI's own code for this error, where it has one
+        self.param = param
 
     @property
     def recoverable(self) -> bool:
@@ -53,7 +57,9 @@ def to_api_error(exc: Exception) -> ApiError:
             exc.status, exc.code, exc.message, headers={"Retry-After": str(exc.retry_after_s)}
         )
     if isinstance(exc, PipelineError):
-        return ApiError(exc.status, exc.code, exc.message)
+        return ApiError(
+            exc.status, exc.code, exc.message, openai_code=exc.openai_code, param=exc.param
+        )
     if isinstance(exc, DatabaseClosedError):  # shutting down: the turn was not stored
         return ApiError(503, "UNAVAILABLE", "service is shutting down; retry the request")
     return ApiError(500, "INTERNAL", "internal error")
@@ -75,7 +81,12 @@ _OPENAI_TYPES = {
 def openai_error_payload(error: ApiError) -> dict[str, object]:
     kind = _OPENAI_TYPES.get(error.status, "server_error" if error.status >= 500 else "api_error")
     return {
-        "error": {"message": error.message, "type": kind, "param": None, "code": error.code},
+        "error": {
+            "message": error.message,
+            "type": kind,
+            "param": error.param,
+            "code": error.openai_code or error.code,
+        },
         "status": error.status,
         "code": error.code,
     }

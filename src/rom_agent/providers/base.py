@@ -145,6 +145,15 @@ class ErrorKind(enum.StrEnum):
     TRANSIENT = "transient"  # worth retrying; counted by the breaker; falls back
     MODEL = "model"  # this model cannot serve this request; falls back, not retried
     REQUEST = "request"  # the request itself is invalid; returned to the client as is
+    # Refused for content policy: the caller's answer. One attempt, a 4xx, not counted, no
+    # fallback unless CONTENT_POLICY_FALLBACK is on.
+    POLICY = "policy"
+
+
+# Canonical `error_type`s the providers give errors they recognise, whatever the upstream's
+# own spelling (its code, exception name or prose): the resilience layer reads these only.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+CONTENT_FILTER = "content_filter"
 
 
 # Upstream text kept for the log line of the attempt: enough to diagnose, bounded.

@@ -24,6 +24,8 @@ from yarl import URL
 
 from rom_agent.domain.options import GenerationOptions
 from rom_agent.providers.base import (
+    CONTENT_FILTER,
+    CONTEXT_LENGTH_EXCEEDED,
     ChatRequest,
     ChatResponse,
     ContentBlock,
@@ -49,6 +51,7 @@ from rom_agent.providers.transport import (
     is_content_filtered,
     is_context_overflow,
     mentions,
+    safe_label,
     stream_cut,
 )
 
@@ -178,8 +181,9 @@ class BedrockProvider(HttpProvider):
         except BotoCoreError as exc:
             raise ProviderError(
                 ErrorKind.TRANSIENT,
-                f"refreshing AWS credentials failed: {exc}",
+                "refreshing AWS credentials failed",
                 error_type=type(exc).__name__,
+                detail=str(exc),
             ) from exc
 
 
@@ -319,12 +323,17 @@ def _usage(raw: Any) -> Usage:
     return Usage(int(raw.get("inputTokens") or 0), int(raw.get("outputTokens") or 0))
 
 
+# Stop reasons that are a content-policy verdict: a guardrail or the model's own filter
+# (Anthropic models' `refusal`). The caller's answer, not an outage (see ErrorKind.POLICY).
+_POLICY_STOPS = frozenset({"content_filtered", "guardrail_intervened", "refusal"})
+
+
 def _check_stop_reason(stop_reason: str) -> None:
-    if stop_reason == "content_filtered":
+    if stop_reason in _POLICY_STOPS:
         raise ProviderError(
-            ErrorKind.MODEL,
-            "answer blocked by the model's content filter",
-            error_type="content_filtered",
+            ErrorKind.POLICY,
+            f"the answer was stopped by the model's content policy ({stop_reason})",
+            error_type=CONTENT_FILTER,
         )
 
 
@@ -421,24 +430,26 @@ def _tool_input(fragments: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- errors
 
 
-def classify(status: int | None, error_type: str, message: str) -> ErrorKind:
-    """Bedrock's exception names first, then the HTTP status."""
+def classify(status: int | None, error_type: str, message: str) -> tuple[ErrorKind, str | None]:
+    """(kind, canonical error type or None): Bedrock's exception names first, then the HTTP
+    status; the prose only for `ValidationException`, Bedrock's catch-all for what a model
+    refused (the context window, a feature this model lacks) and what any model would."""
     lowered = error_type.lower()
     if lowered in _TRANSIENT_TYPES:
-        return ErrorKind.TRANSIENT
+        return ErrorKind.TRANSIENT, None
     if lowered in _MODEL_TYPES:
-        return ErrorKind.MODEL
+        return ErrorKind.MODEL, None
     if lowered == "validationexception" or (not lowered and status == 400):
-        if (
-            is_context_overflow(message)
-            or is_content_filtered(message)
-            or mentions(message, _MODEL_VALIDATION_MARKERS)
-        ):
-            return ErrorKind.MODEL
-        return ErrorKind.REQUEST
+        if is_context_overflow(message):
+            return ErrorKind.MODEL, CONTEXT_LENGTH_EXCEEDED
+        if is_content_filtered(message):
+            return ErrorKind.POLICY, CONTENT_FILTER
+        if mentions(message, _MODEL_VALIDATION_MARKERS):
+            return ErrorKind.MODEL, None
+        return ErrorKind.REQUEST, None
     if status is None:  # an unknown in-stream exception: the stream failed mid-way
-        return ErrorKind.TRANSIENT
-    return classify_status(status)
+        return ErrorKind.TRANSIENT, None
+    return classify_status(status), None
 
 
 async def _error_from_response(response: aiohttp.ClientResponse) -> ProviderError:
@@ -455,12 +466,15 @@ async def _error_from_response(response: aiohttp.ClientResponse) -> ProviderErro
     error_type = response.headers.get("x-amzn-ErrorType", "").partition(":")[0]
     if not error_type:
         error_type = str(data.get("__type", "")).rpartition("#")[2]
+    kind, canonical = classify(status, error_type, message)
+    label = canonical or safe_label(error_type) or "error"
     return ProviderError(
-        classify(status, error_type, message),
-        f"bedrock {status} {error_type or 'error'}: {message}",
+        kind,
+        f"bedrock returned {status} ({label})",
         status=status,
-        error_type=error_type or None,
+        error_type=canonical or error_type or None,
         retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+        detail=message,
     )
 
 
@@ -472,8 +486,10 @@ def _stream_exception(message: EventStreamMessage) -> ProviderError:
     except (orjson.JSONDecodeError, AttributeError):
         text = ""
     text = text or headers.get(":error-message") or error_type
+    kind, canonical = classify(None, error_type, text)
     return ProviderError(
-        classify(None, error_type, text),
-        f"bedrock stream {error_type}: {text}",
-        error_type=error_type,
+        kind,
+        f"bedrock stream error ({canonical or safe_label(error_type) or 'error'})",
+        error_type=canonical or error_type,
+        detail=text,
     )

@@ -16,12 +16,16 @@ from yarl import URL
 
 from rom_agent.domain.options import GenerationOptions
 from rom_agent.providers.base import (
+    CONTENT_FILTER,
+    CONTEXT_LENGTH_EXCEEDED,
     ChatRequest,
     ChatResponse,
     ErrorKind,
     ProviderError,
     StopEvent,
     StreamEvent,
+    TextDelta,
+    ToolUseEvent,
     UsageEvent,
     classify_status,
     parse_retry_after,
@@ -39,17 +43,24 @@ from rom_agent.providers.transport import (
     StreamDecoding,
     is_content_filtered,
     is_context_overflow,
+    safe_label,
     stream_cut,
 )
 
 if TYPE_CHECKING:
     from rom_agent.config import Settings
 
-# Error codes/types meaning "this model cannot serve this request" whatever the status.
-_MODEL_CODES = frozenset(
-    {"context_length_exceeded", "content_filter", "model_not_found", "insufficient_quota"}
-)
 NO_FINISH = "the stream ended without a finish_reason"
+EMPTY_RESPONSE = "empty_response"
+
+
+def empty_response() -> ProviderError:
+    """A 200 without a body: what the server refused it did not say (not the model's health:
+    not counted, not retried; falls back)."""
+    return ProviderError(
+        ErrorKind.MODEL, "openai returned 200 with an empty body", error_type=EMPTY_RESPONSE
+    )
+
 DONE_WITHOUT_FINISH = (
     "the upstream ended the stream ([DONE]) without a finish_reason: it stopped generating "
     "before the answer was complete (llama.cpp does this when another request interrupts it)"
@@ -93,12 +104,34 @@ class OpenAIProvider(HttpProvider):
     def decode(self, request: ChatRequest, raw: bytes) -> ChatResponse:
         return decode_response(request.model, raw)
 
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """The template's stream, plus one exception to "one call, one request": llama.cpp's
+        server answers an over-long *streamed* prompt with an empty 200; the same request
+        unstreamed says why (`context_length_exceeded`), so it is asked once, within the same
+        attempt budget, and its verdict — or its answer — is this call's."""
+        try:
+            async for event in super().stream(request):
+                yield event
+            return
+        except ProviderError as error:
+            if error.error_type != EMPTY_RESPONSE:
+                raise
+        response = await self.complete(request)
+        if response.text:
+            yield TextDelta(response.text)
+        for block in response.tool_uses:
+            yield ToolUseEvent(block)
+        yield UsageEvent(response.usage)
+        yield StopEvent(response.stop_reason)
+
     def stream_decoding(self, request: ChatRequest) -> StreamDecoding:
         return SseDecoding()
 
 
 def decode_response(model: str, raw: bytes) -> ChatResponse:
     """chat/completions response body → ChatResponse."""
+    if not raw.strip():
+        raise empty_response()
     try:
         data = orjson.loads(raw)
         if isinstance(data, dict) and "error" in data:  # some servers answer 200 with an error
@@ -118,9 +151,9 @@ def decode_response(model: str, raw: bytes) -> ChatResponse:
 def _check_finish(finish: str | None) -> None:
     if finish == "content_filter":
         raise ProviderError(
-            ErrorKind.MODEL,
-            "answer blocked by the model's content filter",
-            error_type="content_filter",
+            ErrorKind.POLICY,
+            "the answer was stopped by the model's content filter",
+            error_type=CONTENT_FILTER,
         )
 
 
@@ -132,16 +165,18 @@ class SseDecoding(StreamDecoding):
     cut: the server stopped generating early.
     """
 
-    __slots__ = ("accumulator",)
+    __slots__ = ("accumulator", "empty")
 
     def __init__(self) -> None:
         self.accumulator = StreamAccumulator()
+        self.empty = True  # no server-sent event at all
 
     async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamEvent]:
         accumulator = self.accumulator
         batches = iter_sse_batches(response.content)
         try:
             async for batch in batches:
+                self.empty = False
                 for event in accumulator.handle_batch(batch, _in_stream_error):
                     yield event
                 if accumulator.finish_reason == "content_filter":
@@ -159,8 +194,14 @@ class SseDecoding(StreamDecoding):
 
     def ending(self) -> list[StreamEvent]:
         accumulator = self.accumulator
+        if accumulator.done and not accumulator.finished:
+            # Not the model's health: the server chose to stop (llama.cpp interrupts a
+            # running stream for a new request). Not retried, not counted; falls back.
+            raise ProviderError(ErrorKind.MODEL, DONE_WITHOUT_FINISH, error_type="interrupted")
+        if self.empty:
+            raise empty_response()
         if not accumulator.finished:
-            raise stream_cut(DONE_WITHOUT_FINISH if accumulator.done else NO_FINISH)
+            raise stream_cut(NO_FINISH)
         return [UsageEvent(accumulator.usage), StopEvent(stop_reason_of(accumulator.finish_reason))]
 
 
@@ -199,42 +240,108 @@ async def iter_sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[
 
 # --------------------------------------------------------------------------- errors
 
+# The error taxonomy reads the upstream's code and type first (OpenAI's `code`, llama.cpp's
+# `type`, Azure's inner code), prose only when they say nothing specific (see transport.py).
+_CONTEXT_CODES = frozenset(
+    {
+        "context_length_exceeded",  # OpenAI
+        "context_window_exceeded",
+        "exceed_context_size_error",  # llama.cpp server
+        "model_context_window_exceeded",
+    }
+)
+_POLICY_CODES = frozenset(
+    {
+        "content_filter",  # Azure OpenAI, prompt refused
+        "content_policy_violation",  # OpenAI
+        "invalid_prompt",  # OpenAI: prompt flagged as violating the usage policy
+        "responsibleaipolicyviolation",  # Azure's inner code
+    }
+)
+_MODEL_CODES = frozenset({"model_not_found", "insufficient_quota", "model_not_available"})
+# Codes and types that only restate the status: they leave the decision to the prose.
+_GENERIC_CODES = frozenset(
+    {
+        "invalid_request_error",
+        "badrequesterror",  # vLLM
+        "bad_request",
+        "error",
+        "api_error",
+        "server_error",
+        "internal_server_error",
+        "not_found_error",
+        "invalid_request",
+    }
+)
+
 
 def classify(
-    status: int | None, code: str | None, error_type: str | None, message: str
-) -> ErrorKind:
-    if code in _MODEL_CODES or error_type in _MODEL_CODES:
-        return ErrorKind.MODEL
+    status: int | None, identifiers: list[str], message: str
+) -> tuple[ErrorKind, str | None]:
+    """(kind, canonical error type or None) from the status, the upstream's codes/types
+    (lower-cased) and, last, its prose."""
+    names = set(identifiers)
+    if names & _CONTEXT_CODES:
+        return ErrorKind.MODEL, CONTEXT_LENGTH_EXCEEDED
+    if names & _POLICY_CODES:
+        return ErrorKind.POLICY, CONTENT_FILTER
+    if names & _MODEL_CODES:
+        return ErrorKind.MODEL, None
     kind = ErrorKind.TRANSIENT if status is None else classify_status(status)
-    if kind is ErrorKind.REQUEST and (is_context_overflow(message) or is_content_filtered(message)):
-        return ErrorKind.MODEL  # vLLM and others say it only in the message
-    return kind
+    if kind is ErrorKind.TRANSIENT or names - _GENERIC_CODES:
+        return kind, None  # a specific code we need no prose for (e.g. string_above_max_length)
+    if is_context_overflow(message):
+        return ErrorKind.MODEL, CONTEXT_LENGTH_EXCEEDED  # vLLM says it only in prose
+    if is_content_filtered(message):
+        return ErrorKind.POLICY, CONTENT_FILTER
+    return kind, None
+
+
+def _error_fields(data: Any) -> tuple[str, list[Any], int | None]:
+    """(message, code/type values, a status carried in the body) of the error shapes seen:
+    OpenAI `{"error": {message, type, code}}` (Azure adds `innererror.code`), Anthropic
+    `{"type": "error", "error": {type, message}}`, vLLM's top-level
+    `{"object": "error", "message", "type", "code": 400}`, Ollama `{"error": "text"}`."""
+    if not isinstance(data, dict):
+        return "", [], None
+    error = data.get("error")
+    if isinstance(error, dict):
+        inner = error.get("innererror")
+        values = [error.get("code"), error.get("type")]
+        if isinstance(inner, dict):
+            values.append(inner.get("code"))
+        body_status = error.get("code") if isinstance(error.get("code"), int) else None
+        return str(error.get("message") or ""), values, body_status
+    if isinstance(error, str):
+        return error, [], None
+    if data.get("object") == "error":
+        code = data.get("code")
+        body_status = code if isinstance(code, int) else None
+        return str(data.get("message") or ""), [code, data.get("type")], body_status
+    return "", [], None
 
 
 def _error_from_body(status: int | None, data: Any, headers: Any) -> ProviderError:
-    error = data.get("error") if isinstance(data, dict) else None
-    effective_status = status
-    if isinstance(error, dict):
-        message = str(error.get("message") or "")
-        code = error.get("code")
-        if status is None and isinstance(code, int):  # vLLM in-stream: {"code": 400, ...}
-            effective_status = code
-        code = code if isinstance(code, str) else None
-        error_type = error.get("type") if isinstance(error.get("type"), str) else None
-    else:  # Ollama: {"error": "model 'x' not found"}
-        message, code, error_type = str(error or ""), None, None
+    message, values, body_status = _error_fields(data)
+    identifiers = [value.lower() for value in values if isinstance(value, str) and value]
+    # vLLM in-stream: {"error": {"code": 400, ...}} — the status travels in the body.
+    effective_status = status if status is not None else body_status
+    kind, canonical = classify(effective_status, identifiers, message)
     retry_after = None
     if headers is not None:
         retry_after = parse_retry_after(headers.get("Retry-After"))
         if retry_after is None and headers.get("retry-after-ms"):
             retry_ms = parse_retry_after(headers.get("retry-after-ms"))
             retry_after = retry_ms / 1000 if retry_ms is not None else None
-    label = code or error_type or "error"
-    where = f"openai {status}" if status is not None else "openai"
+    label = canonical or next(
+        (label for label in map(safe_label, values) if label is not None), "error"
+    )
+    where = f"openai returned {status}" if status is not None else "openai stream error"
     return ProviderError(
-        classify(effective_status, code, error_type, message),
-        f"{where} {label}: {message or 'no message'}",
+        kind,
+        f"{where} ({label})",
         status=status,
-        error_type=code or error_type,
+        error_type=canonical or label,
         retry_after_s=retry_after,
+        detail=message or None,
     )

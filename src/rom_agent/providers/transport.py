@@ -29,19 +29,40 @@ from rom_agent.providers.base import (
 # Used when a request carries no `timeout_s`; the resilience layer normally always sets one.
 DEFAULT_TIMEOUT_S = 60.0
 
-# Phrases upstreams use when the prompt does not fit the model (Bedrock, OpenAI, vLLM, Ollama).
-# Plain substring checks on the lower-cased message: no regex on the error path either.
+# Prose is the last resort of the error taxonomy: read only when the upstream gave no
+# specific code or exception name (vLLM's `BadRequestError`, Bedrock's catch-all
+# `ValidationException`, Ollama's bare string). Phrases upstreams use when the prompt does not
+# fit the model — specific ones: a bare "too long" also says "string too long", a request
+# error every model would refuse. Plain substring checks on the lower-cased message.
 _CONTEXT_OVERFLOW_MARKERS = (
-    "too long",
-    "too many tokens",
-    "too many input tokens",
+    "prompt is too long",  # Anthropic (direct and on Bedrock)
+    "input is too long",  # Bedrock
+    "maximum context length",  # OpenAI, vLLM
     "context length",
     "context window",
     "context_length",
     "context limit",
-    "maximum context",
+    "available context size",  # llama.cpp
+    "too many tokens",
+    "too many input tokens",
 )
-_CONTENT_FILTER_MARKERS = ("content filter", "content_filter", "filtering policy", "blocked by")
+_CONTENT_FILTER_MARKERS = (
+    "content filter",
+    "content_filter",
+    "content management policy",  # Azure OpenAI
+    "content policy",
+    "usage policy",
+    "filtering policy",
+)
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def safe_label(value: object) -> str | None:
+    """An upstream error code fit for a client-facing message (a short identifier), or None:
+    anything else the upstream sent stays in the log."""
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        return None
+    return value if set(value) <= _LABEL_CHARS else None
 
 
 def _json_dumps(value: object) -> str:

@@ -14,8 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rom_agent.providers.base import ErrorKind, ProviderError
-from rom_agent.providers.transport import is_content_filtered, is_context_overflow
+from rom_agent.providers.base import CONTEXT_LENGTH_EXCEEDED, ErrorKind, ProviderError
 
 # --------------------------------------------------------------------------- reasons
 
@@ -46,15 +45,11 @@ def failure_reason(error: ProviderError) -> str:
     """Map a classified provider error onto the bounded reason vocabulary."""
     if error.kind is ErrorKind.REQUEST:
         return INVALID_REQUEST
+    if error.kind is ErrorKind.POLICY:
+        return CONTENT_FILTER
     if error.kind is ErrorKind.MODEL:
-        # The providers' own phrase lists; error types like "context_length_exceeded" or
-        # "content_filtered" carry the same words.
-        text = f"{error.error_type or ''} {error.message}"
-        if is_context_overflow(text):
-            return CONTEXT_LENGTH
-        if is_content_filtered(text):
-            return CONTENT_FILTER
-        return MODEL_ERROR
+        # The providers classified the upstream's codes (and, last, its prose) already.
+        return CONTEXT_LENGTH if error.error_type == CONTEXT_LENGTH_EXCEEDED else MODEL_ERROR
     if error.status == 429 or error.error_type in _THROTTLING_TYPES:
         return RATE_LIMITED
     if error.status in (408, 504) or error.error_type in _TIMEOUT_TYPES:
@@ -90,10 +85,13 @@ class AttemptFailure:
 
 
 class PipelineError(Exception):
-    """Base of every non-answer outcome; the HTTP layer reads `status`, `code`, `message`."""
+    """Base of every non-answer outcome; the HTTP layer reads `status`, `code`, `message`
+    (and, in OpenAI's error shape, `openai_code` and `param` where OpenAI has its own)."""
 
     status: int = 500
     code: str = "INTERNAL"
+    openai_code: str | None = None
+    param: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -143,7 +141,9 @@ class DeadlineExceededError(PipelineError):
 
 
 class RequestRejectedError(PipelineError):
-    """The provider said the request itself is invalid: returned as is, no fallback."""
+    """The provider said the request itself is invalid, or refused it for content policy:
+    returned to the client after that one attempt, no retry, no fallback. The message is
+    ours (provider, model, status, kind): the upstream's own text goes to the log only."""
 
     status = 400
     code = "INVALID_REQUEST"
@@ -151,7 +151,29 @@ class RequestRejectedError(PipelineError):
     def __init__(self, model: str, error: ProviderError) -> None:
         self.model = model
         self.error = error
-        super().__init__(f"Request rejected by {model}: {error.message}")
+        if error.kind is ErrorKind.POLICY:
+            self.code = "CONTENT_FILTERED"
+            self.openai_code = "content_policy_violation"
+            super().__init__(f"Request refused by {model} for content policy: {error.message}")
+        else:
+            super().__init__(f"Request rejected by {model}: {error.message}")
+
+
+class ContextLengthExceededError(PipelineError):
+    """Every model of the chain said the request does not fit its context window: a client
+    error (shorten the input), not an outage — so the SDKs do not retry it."""
+
+    status = 400
+    code = "CONTEXT_LENGTH_EXCEEDED"
+    openai_code = "context_length_exceeded"
+    param = "messages"
+
+    def __init__(self, tried: Sequence[AttemptFailure]) -> None:
+        self.tried = list(tried)
+        reasons = "; ".join(failure.describe() for failure in self.tried)
+        super().__init__(
+            f"The request exceeds the context window of every model of the chain: {reasons}"
+        )
 
 
 class StreamInterruptedError(PipelineError):

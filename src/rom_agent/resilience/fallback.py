@@ -11,7 +11,9 @@ pipeline's. Rules:
 * a REQUEST error (the request itself is invalid) never reaches here: it ends the walk.
 
 When the walk runs out: if no model was even called because every breaker was OPEN, the
-answer is `CircuitOpenError` (503 + Retry-After); otherwise `UpstreamFailedError` (502).
+answer is `CircuitOpenError` (503 + Retry-After); if every model said the request exceeds its
+context window, `ContextLengthExceededError` (400: the client's to fix); otherwise
+`UpstreamFailedError` (502). A mix (one model too small, another down) is a 502.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from rom_agent.metrics import Metrics
 from rom_agent.providers.base import ModelRef
 from rom_agent.resilience.errors import (
     CIRCUIT_OPEN,
+    CONTEXT_LENGTH,
     AttemptFailure,
     CircuitOpenError,
+    ContextLengthExceededError,
     PipelineError,
     UpstreamFailedError,
 )
@@ -103,4 +107,6 @@ class ChainRun:
         ):
             return CircuitOpenError([model.id for model in self.chain], self._open_retry_after)
         self._metrics.fallback_chain_exhausted()
+        if all(failure.reason == CONTEXT_LENGTH for failure in self.tried):
+            return ContextLengthExceededError(self.tried)
         return UpstreamFailedError(self.tried)

@@ -86,6 +86,7 @@ class _Break:
 
 _CUT = _Break("STREAM_INTERRUPTED", 502, True, "error")
 _REFUSED = _Break("STREAM_INTERRUPTED", 502, False, "error")  # MODEL/REQUEST error mid-stream
+_FILTERED = _Break("CONTENT_FILTERED", 400, False, "error")  # content-policy stop mid-answer
 _STALL = _Break("STREAM_IDLE_TIMEOUT", 504, True, "timeout")
 _DEADLINE = _Break("TIMEOUT", 504, False, "timeout")
 
@@ -377,7 +378,13 @@ class Pipeline:
         except ProviderError as error:
             if stopped:
                 return None
-            how = _CUT if error.kind is ErrorKind.TRANSIENT else _REFUSED
+            how = (
+                _CUT
+                if error.kind is ErrorKind.TRANSIENT
+                else _FILTERED
+                if error.kind is ErrorKind.POLICY
+                else _REFUSED
+            )
             raise self._interrupted(attempt, f"upstream error: {error.message}", how) from error
         except Exception as exc:
             if stopped:
@@ -453,9 +460,11 @@ class Pipeline:
             try:
                 return await self._attempt(call, run, model, provider, permit, settings, once)
             except ProviderError as error:
-                if error.kind is ErrorKind.REQUEST:
-                    raise RequestRejectedError(model.id, error) from error
                 settings = self._flags.current
+                if error.kind is ErrorKind.REQUEST or (
+                    error.kind is ErrorKind.POLICY and not settings.content_policy_fallback
+                ):
+                    raise RequestRejectedError(model.id, error) from error
                 delay = self._retry.delay_before_retry(
                     model.id, error, calls - 1, call.deadline, settings
                 )
@@ -520,6 +529,15 @@ class Pipeline:
     # ------------------------------------------------------------------ outcomes
 
     def _failed(self, attempt: _Attempt, error: ProviderError) -> None:
+        # The one place the upstream's own words are kept (bounded): clients get ours.
+        log.warning(
+            "attempt failed",
+            model=attempt.model.qualified,
+            kind=error.kind.value,
+            status=error.status,
+            error=error.message,
+            upstream_detail=error.detail,
+        )
         if error.kind is ErrorKind.TRANSIENT:
             attempt.permit.record_failure()
         else:
