@@ -14,8 +14,10 @@ import pytest
 
 from rom_agent.cli import build_parser, main
 from rom_agent.ops.client import AdminClient
-from rom_agent.ops.rollout import Context, Plan, render_report, run_rollout
-from rom_agent.ops.validate import Target
+from rom_agent.ops.rollout import run_rollout
+from rom_agent.ops.rollout_model import Context, Plan
+from rom_agent.ops.rollout_report import render_report
+from rom_agent.ops.target import Target
 from tests.server import ServiceProcess, free_port
 
 TOKEN = "rollout-test-admin-token-0123456789abcdef"  # a test value, not a secret
@@ -200,6 +202,34 @@ def test_an_unreachable_service_is_no_go_without_any_change(
     assert code == 1
     assert "**Verdict: NO-GO** — the preflight failed; no flag was changed." in report
     assert f"cannot reach {url}" in report
+
+
+def test_a_chat_route_refusing_our_key_is_no_go_before_any_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serve(tmp_path, API_KEYS="rollout-chat-key") as url:
+        code, out, report = rollout(url, tmp_path / "report.md", capsys)
+        assert code == 1, out
+        assert "**Verdict: NO-GO** — the preflight failed; no flag was changed." in report
+        assert (
+            "| P | chat route reachable with our API key (POST /api/chat) | FAIL | "
+            "`401 UNAUTHORIZED` | "
+            "`200: the service requires an API key; export ROM_AGENT_API_KEY` |"
+        ) in report
+        assert "ROM_AGENT_API_KEY" in out
+        assert flags(url)["MAX_CONCURRENT"] == 6  # stage A never ran
+
+        monkeypatch.setenv("ROM_AGENT_API_KEY", "not-the-key")
+        code, out, report = rollout(url, tmp_path / "report.md", capsys)
+        assert code == 1
+        assert "`200: ROM_AGENT_API_KEY is not one of the service's API_KEYS`" in report
+
+        monkeypatch.setenv("ROM_AGENT_API_KEY", "rollout-chat-key")
+        target = Target(AdminClient(url, TOKEN), "rollout-chat-key")
+        result = run_rollout(Context(target, Plan(), io.StringIO()), stages=())
+        assert result.preflight is not None and result.preflight.passed
+        row = "| P | chat route reachable with our API key (POST /api/chat) | PASS | `200` |"
+        assert row in render_report(result)
 
 
 def test_the_defaults_are_the_guides_values() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from rom_agent.ops.validate import Samples, breaker_view, state_line
+from rom_agent.ops.breaker_checks import breaker_view, state_line
+from rom_agent.ops.target import Samples
 from tests.server import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@
         [--max-concurrent 5] [--max-queue 20] [--burst-delay-ms 3000] \\
         [--report STAGING_VALIDATION_REPORT.md]
 
-* Preflight: `/health` answers, the admin token is accepted, metrics are on.
+* Preflight: `/health` answers, the admin token is accepted, a chat is answered (the chat
+  routes' API key: `ROM_AGENT_API_KEY`, when the service has `API_KEYS`), metrics are on.
 * A: PATCH `MAX_CONCURRENT`/`MAX_QUEUE` (the guide's 5/20 unless overridden); GET shows them,
   with `ENABLE_CIRCUIT_BREAKER` and `ENABLE_BOTTLENECK` still false.
 * B: PATCH `ENABLE_CIRCUIT_BREAKER=true`; the breaker cycle CLOSED → OPEN → HALF_OPEN → CLOSED
@@ -31,33 +32,28 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from rom_agent import __version__
+from rom_agent.ops.bottleneck_checks import DEFAULT_DELAY_MS, validate_bottleneck
+from rom_agent.ops.breaker_checks import validate_breaker
 from rom_agent.ops.client import ApiCallError
-from rom_agent.ops.validate import (
-    DEFAULT_DELAY_MS,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    FAULT_FLAG,
-    Outcome,
-    Sleep,
-    Steps,
-    Target,
-    connect,
-    connection_options,
-    describe,
-    shown,
-    validate_bottleneck,
-    validate_breaker,
+from rom_agent.ops.rollout_model import (
+    GUIDE_MAX_CONCURRENT,
+    GUIDE_MAX_QUEUE,
+    Context,
+    Plan,
+    Rollout,
+    Stage,
+    StageRun,
 )
+from rom_agent.ops.rollout_report import render_report
+from rom_agent.ops.steps import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Steps, shown
+from rom_agent.ops.target import FAULT_FLAG, Target, describe
+from rom_agent.ops.validate import connect, connection_options
 
 REPORT_NAME = "STAGING_VALIDATION_REPORT.md"
-GUIDE_MAX_CONCURRENT, GUIDE_MAX_QUEUE = 5, 20  # the guide's stage A values (= code defaults)
 EXIT_INTERRUPTED = 130
 FINAL_KEYS = (
     "ENABLE_RETRY",
@@ -75,71 +71,6 @@ FINAL_KEYS = (
     "GUARDRAIL_MODE",
     "MODEL_CHAIN",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    max_concurrent: int = GUIDE_MAX_CONCURRENT
-    max_queue: int = GUIDE_MAX_QUEUE
-    burst_delay_ms: int = DEFAULT_DELAY_MS
-
-
-@dataclass
-class Context:
-    target: Target
-    plan: Plan
-    out: TextIO
-    sleep: Sleep = time.sleep
-
-
-StageBody = Callable[[Context, Steps], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    key: str
-    title: str
-    flags: tuple[str, ...]  # what this stage changes, and rolls back on failure
-    body: StageBody
-
-
-@dataclass
-class StageRun:
-    stage: Stage
-    steps: Steps
-    status: str = "not run"  # passed | failed | not run
-    seconds: float = 0.0
-    rollback: Steps | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-@dataclass
-class Rollout:
-    url: str
-    plan: Plan
-    started: str
-    runs: list[StageRun] = field(default_factory=list)
-    preflight: Steps | None = None
-    final: Steps | None = None
-    final_flags: dict[str, Any] = field(default_factory=dict)
-    final_sources: dict[str, str] = field(default_factory=dict)
-    version: str = "?"
-    finished: str = ""
-    seconds: float = 0.0
-    interrupted: bool = False
-
-    @property
-    def go(self) -> bool:
-        sections = [self.preflight, *(run.steps for run in self.runs), self.final]
-        return (
-            not self.interrupted
-            and bool(self.runs)
-            and all(run.passed for run in self.runs)
-            and all(steps is not None and steps.passed for steps in sections)
-        )
 
 
 # ---------------------------------------------------------------------- stages
@@ -240,6 +171,7 @@ def _preflight(ctx: Context, result: Rollout) -> bool:
         ):
             return False
         flags = reply.json()["flags"]
+        _check_chat_route(target, steps)
         steps.expect(
             "P",
             "ENABLE_METRICS is true (checks read /metrics)",
@@ -257,6 +189,27 @@ def _preflight(ctx: Context, result: Rollout) -> bool:
     except ApiCallError as exc:
         steps.check("P", "the service answers", False, observed=str(exc), expected="an answer")
     return steps.passed
+
+
+def _check_chat_route(target: Target, steps: Steps) -> None:
+    """Every drill talks to POST /api/chat: refused for want of an API key, it would fail in
+    the middle of stage B, after a flag was flipped. Any answer of the route itself passes
+    (a failing model is what the stages then examine)."""
+    reply = target.chat("Teste preflight do rollout", "rollout-preflight")
+    expected = "an answer of the route (not 401/403/404)"
+    if reply.status == 401:
+        expected = (
+            "200: ROM_AGENT_API_KEY is not one of the service's API_KEYS"
+            if target.has_api_key
+            else "200: the service requires an API key; export ROM_AGENT_API_KEY"
+        )
+    steps.check(
+        "P",
+        "chat route reachable with our API key (POST /api/chat)",
+        reply.status not in (401, 403, 404),
+        observed=describe(reply),
+        expected=expected,
+    )
 
 
 def _run_stage(ctx: Context, run: StageRun, clock: Callable[[], float]) -> bool:
@@ -347,170 +300,6 @@ def _final_state(ctx: Context, result: Rollout) -> None:
             steps.expect(
                 "F", f"{key}={shown(value)}", observed=shown(flags[key]), expected=shown(value)
             )
-
-
-# ---------------------------------------------------------------------- report
-
-
-def render_report(result: Rollout) -> str:
-    verdict = "GO" if result.go else "NO-GO"
-    lines = [
-        "# Staging validation report",
-        "",
-        f"**Verdict: {verdict}** — {_verdict_reason(result)}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Service | {result.url} (rom-agent {result.version}) |",
-        f"| Started | {result.started} |",
-        f"| Finished | {result.finished} ({result.seconds:.1f} s) |",
-        f"| Parameters | MAX_CONCURRENT={result.plan.max_concurrent}, "
-        f"MAX_QUEUE={result.plan.max_queue}, burst delay {result.plan.burst_delay_ms} ms |",
-        f"| Generated by | `rom-agent rollout` {__version__} |",
-        "",
-        "## Summary",
-        "",
-        "| Stage | Result | Checks passed | Time | Flag changes | Rolled back |",
-        "|---|---|---|---|---|---|",
-        _summary_row(
-            "Preflight", result.preflight, "passed" if _ok(result.preflight) else "failed"
-        ),
-    ]
-    for run in result.runs:
-        lines.append(_stage_row(run))
-    lines.append(
-        _summary_row("Final state", result.final, "passed" if _ok(result.final) else "failed")
-    )
-    lines += ["", *_outcome_bullets(result), ""]
-    sections = [("Preflight", result.preflight)]
-    for run in result.runs:
-        if run.status != "not run":
-            sections.append((f"Stage {run.stage.key} — {run.stage.title}", run.steps))
-            if run.rollback is not None:
-                sections.append((f"Stage {run.stage.key} — rollback", run.rollback))
-    sections.append(("Final state", result.final))
-    for title, steps in sections:
-        lines += _section(title, steps)
-    lines += _final_flags(result)
-    return "\n".join(lines) + "\n"
-
-
-def _ok(steps: Steps | None) -> bool:
-    return steps is not None and steps.passed
-
-
-def _verdict_reason(result: Rollout) -> str:
-    if result.go:
-        return (
-            "stages A, B and C validated, every check passed. The guide still asks for 24 h of "
-            "stable staging (metrics, logs) before the production decision."
-        )
-    if not _ok(result.preflight) and not result.interrupted:
-        return "the preflight failed; no flag was changed."
-    for run in result.runs:
-        if run.status == "failed":
-            failed = "; ".join(f"{c.step} {c.name}" for c in run.steps.failed)
-            cause = "was interrupted" if result.interrupted else f"failed ({failed})"
-            return f"stage {run.stage.key} {cause}; {_rollback_outcome(run)}; later stages not run."
-    if result.interrupted:
-        return "the rollout was interrupted before any stage changed a flag."
-    failed = "; ".join(f"{c.step} {c.name}" for c in result.final.failed) if result.final else ""
-    return f"the final state is wrong ({failed or 'final flags unreadable'})."
-
-
-def _rollback_outcome(run: StageRun) -> str:
-    flags = ", ".join(run.stage.flags)
-    if run.rollback is not None and run.rollback.passed:
-        return f"{flags} rolled back"
-    return f"ROLLBACK NOT CONFIRMED: check {flags} by hand (rom-agent flags get)"
-
-
-def _summary_row(title: str, steps: Steps | None, status: str) -> str:
-    checks = _count(steps)
-    actions = "<br>".join(_md(a) for a in steps.actions) if steps else ""
-    return f"| {title} | {_status(status)} | {checks} | — | {actions or '—'} | — |"
-
-
-def _stage_row(run: StageRun) -> str:
-    stage = run.stage
-    if run.status == "not run":
-        return f"| {stage.key}. {stage.title} | {_status('not run')} | — | — | — | — |"
-    actions = "<br>".join(_md(a) for a in run.steps.actions) or "—"
-    rolled = "<br>".join(_md(a) for a in run.rollback.actions) if run.rollback else "—"
-    return (
-        f"| {stage.key}. {stage.title} | {_status(run.status)} | {_count(run.steps)} | "
-        f"{run.seconds:.1f} s | {actions} | {rolled or '—'} |"
-    )
-
-
-def _status(status: str) -> str:
-    return {"passed": "✅ passed", "failed": "❌ failed"}.get(status, "⏸️ not run")
-
-
-def _count(steps: Steps | None) -> str:
-    if steps is None:
-        return "—"
-    ran = [c for c in steps.checks if c.outcome is not Outcome.SKIP]
-    passed = sum(c.outcome is Outcome.PASS for c in ran)
-    skipped = len(steps.checks) - len(ran)
-    return f"{passed}/{len(ran)}" + (f" ({skipped} skipped)" if skipped else "")
-
-
-def _outcome_bullets(result: Rollout) -> list[str]:
-    by_key = {run.stage.key: run for run in result.runs}
-
-    def mark(key: str) -> str:
-        run = by_key.get(key)
-        status = run.status if run is not None else "not run"
-        return {"passed": "✅", "failed": "❌"}.get(status, "⏸️")
-
-    guardrails = result.final_flags.get("ENABLE_GUARDRAILS")
-    drills_off = result.final_flags.get(FAULT_FLAG) is False
-    return [
-        f"- {mark('A')} Bottleneck parameters aligned "
-        f"(MAX_CONCURRENT={result.plan.max_concurrent}, MAX_QUEUE={result.plan.max_queue})",
-        f"- {mark('B')} Circuit breaker on and validated: CLOSED → OPEN → HALF_OPEN → CLOSED, "
-        "fallback metrics present",
-        f"- {mark('C')} Bottleneck on and validated: burst of MAX_CONCURRENT + MAX_QUEUE + 5, "
-        "exactly 5 rejected 503 QUEUE_FULL",
-        f"- {'✅' if drills_off else '❌'} Fault injection off at the end "
-        f"({FAULT_FLAG}={shown(result.final_flags.get(FAULT_FLAG, '?'))})",
-        f"- {'⏸️' if guardrails is False else '⚠️'} Guardrails still off, as the guide plans "
-        f"(ENABLE_GUARDRAILS={shown(guardrails)})",
-    ]
-
-
-def _section(title: str, steps: Steps | None) -> list[str]:
-    lines = ["", f"## {title}", ""]
-    if steps is None:
-        return [*lines, "Not run."]
-    if steps.actions:
-        lines += ["Flag changes:", "", *(f"- {_md(action)}" for action in steps.actions), ""]
-    lines += ["| Step | Check | Result | Observed | Expected |", "|---|---|---|---|---|"]
-    for check in steps.checks:
-        lines.append(
-            f"| {check.step} | {_md(check.name)} | {check.outcome} | {_code(check.observed)} | "
-            f"{_code(check.expected)} |"
-        )
-    return lines
-
-
-def _final_flags(result: Rollout) -> list[str]:
-    lines = ["", "## Final flags (GET /admin/flags)", ""]
-    if not result.final_flags:
-        return [*lines, "Could not be read."]
-    lines += ["| Flag | Value | Source |", "|---|---|---|"]
-    for key, value in result.final_flags.items():
-        lines.append(f"| {key} | {_code(shown(value))} | {result.final_sources.get(key, '?')} |")
-    return lines
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _code(text: str) -> str:
-    return f"`{_md(text)}`" if text and text != "-" else "—"
 
 
 # ---------------------------------------------------------------------- command line
