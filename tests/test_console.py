@@ -218,6 +218,7 @@ def test_counter_window_sums_increases_over_the_last_minute_across_resets() -> N
 def test_rollout_output_becomes_live_events() -> None:
     run = RolloutRun(started_at=0.0)
     for line in [
+        "=== Stage B: Circuit breaker",
         "\n== Preflight",
         "[PASS] preflight /health answers: 200",
         "   -> MAX_CONCURRENT: 5 -> 5 (stage A)",
@@ -231,6 +232,7 @@ def test_rollout_output_becomes_live_events() -> None:
         run.feed(line)
     kinds = [(event["kind"], event.get("outcome")) for event in run.events]
     assert kinds == [
+        ("stage", None),
         ("section", None),
         ("check", "PASS"),
         ("action", None),
@@ -238,5 +240,25 @@ def test_rollout_output_becomes_live_events() -> None:
         ("check", "SKIP"),
         ("verdict", None),
     ]
-    assert run.events[3]["text"] == "B breaker opens — observed: CLOSED — expected: OPEN"
+    assert run.events[0]["text"] == "Stage B: Circuit breaker"
+    assert run.events[4]["text"] == "B breaker opens — observed: CLOSED — expected: OPEN"
     assert run.status == "NO-GO"
+
+
+async def test_fleet_panel_shows_the_fleet_snapshot_only_in_fleet_mode(tmp_path: Path) -> None:
+    from rom_agent.app import create_services
+    from rom_agent.http.web.live import LiveState
+
+    services = create_services(isolated_settings(tmp_path))
+    live = LiveState(services)
+    assert (await live.snapshot())["fleet"] is None  # no REDIS_URL: one process
+
+    class FakeFleet:
+        configured = True
+
+        async def snapshot(self) -> dict[str, object]:
+            return {"replica": "a", "replicas": [{"id": "a"}, {"id": "b"}]}
+
+    services.fleet = FakeFleet()  # type: ignore[assignment]
+    fleet = (await live.snapshot())["fleet"]
+    assert [replica["id"] for replica in fleet["replicas"]] == ["a", "b"]

@@ -47,23 +47,12 @@ def _require_chromium() -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="package")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    _require_chromium()
-    folder = tmp_path_factory.mktemp("browser-service")
+def _serve(folder: Path, env: dict[str, str]) -> Iterator[ServiceProcess]:
     env = {
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-        "API_KEYS": API_KEY,
-        "CORS_ORIGINS": "https://intranet.example",
         "DATABASE_URL": f"sqlite:///{folder / 'rom-agent.db'}",
         "KB_DIR": str(folder / "kb"),
-        "ENABLE_CIRCUIT_BREAKER": "true",
-        "CIRCUIT_BREAKER_THRESHOLD": "2",
-        "CIRCUIT_BREAKER_COOLDOWN_S": str(COOLDOWN_S),
-        "ENABLE_FAULT_INJECTION": "true",
-        "ENABLE_RETRY": "false",
-        "SIMULATOR_CHUNK_DELAY_MS": "60",
         "LOG_LEVEL": "info",
+        **env,
     }
     process = ServiceProcess(env, folder).start()
     try:
@@ -73,6 +62,37 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         # The admin token and the API key reach the server in headers and bodies only.
         log = process.log_path.read_text()
         assert ADMIN_TOKEN not in log and API_KEY not in log
+
+
+@pytest.fixture(scope="package")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    _require_chromium()
+    folder = tmp_path_factory.mktemp("browser-service")
+    env = {
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "API_KEYS": API_KEY,
+        "CORS_ORIGINS": "https://intranet.example",
+        "ENABLE_CIRCUIT_BREAKER": "true",
+        "CIRCUIT_BREAKER_THRESHOLD": "2",
+        "CIRCUIT_BREAKER_COOLDOWN_S": str(COOLDOWN_S),
+        "ENABLE_FAULT_INJECTION": "true",
+        "ENABLE_RETRY": "false",
+        "SIMULATOR_CHUNK_DELAY_MS": "60",
+    }
+    yield from _serve(folder, env)
+
+
+@pytest.fixture(scope="package")
+def fresh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """Default flags (what the rollout's stage A expects), a short cooldown for stage B."""
+    _require_chromium()
+    folder = tmp_path_factory.mktemp("rollout-service")
+    env = {
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "API_KEYS": API_KEY,
+        "CIRCUIT_BREAKER_COOLDOWN_S": "1",
+    }
+    yield from _serve(folder, env)
 
 
 @pytest.fixture(scope="package")

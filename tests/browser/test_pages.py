@@ -201,6 +201,32 @@ def test_chat_streams_survives_reload_and_renders_model_html_as_text(
     context.close()
 
 
+def test_rollout_started_from_the_page_shows_each_check_as_it_runs(
+    browser: Any, fresh_service: ServiceProcess
+) -> None:
+    page = _login(browser, fresh_service)
+    page.fill("#rollout-key", API_KEY)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#rollout-start")
+    # A check is on the page while the rollout is still running: pushed as it happens.
+    page.wait_for_selector("#rollout-events li.check", timeout=STATE_TIMEOUT_MS)
+    assert page.locator("#rollout-status").get_attribute("data-status") == "running"
+    page.wait_for_selector(
+        '#rollout-status[data-status="GO"], #rollout-status[data-status="NO-GO"]', timeout=60_000
+    )
+    events = page.locator("#rollout-events")
+    assert page.locator("#rollout-status").inner_text() == "GO", events.inner_text()
+    assert events.locator('.outcome[data-outcome="FAIL"]').count() == 0
+    assert events.locator('.outcome[data-outcome="PASS"]').count() > 20
+    for stage in ("Stage A", "Stage B", "Stage C"):
+        assert events.locator(f"li.stage:has-text('{stage}: PASSED')").count() == 1
+    page.wait_for_selector("#rollout-report:not([hidden])")
+    report = page.evaluate("() => fetch('/console/rollout/report').then((r) => r.text())")
+    assert "**Verdict: GO**" in report
+    page.screenshot(path=str(SCREENSHOTS / "console-rollout-go.png"), full_page=True)
+    page.context.close()
+
+
 def test_pages_send_a_strict_csp_and_hashed_static_files(service: ServiceProcess) -> None:
     for path in ("/", "/chat", "/console"):
         response = httpx.get(service.url + path)

@@ -8,8 +8,9 @@ and CSRF checks in front. The live state is one Server-Sent Events stream per op
 from __future__ import annotations
 
 import asyncio
+import inspect
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -151,13 +152,19 @@ async def patch_flags(request: Request) -> Response:
 
 async def delete_flag(request: Request) -> Response:
     require_mutation(request)
-    return _no_store(await admin.delete_flag(request, request.path_params["key"]))
+    return _no_store(await _admin_call(admin.delete_flag, request))
 
 
 async def breaker_action(request: Request) -> Response:
     require_mutation(request)
-    params = request.path_params
-    return _no_store(await admin.breaker_action(request, params["model"], params["action"]))
+    return _no_store(await _admin_call(admin.breaker_action, request))
+
+
+async def _admin_call(handler: Callable[..., Awaitable[Response]], request: Request) -> Response:
+    """Call an admin handler whether it takes its path parameters as arguments (FastAPI
+    style) or reads them from `request.path_params` (the route table's style)."""
+    names = list(inspect.signature(handler).parameters)[1:]
+    return await handler(request, *(request.path_params[name] for name in names))
 
 
 # ---------------------------------------------------------------------- rollout
@@ -179,9 +186,15 @@ async def start_rollout(request: Request) -> Response:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 100_000:
             raise invalid(f"field {name!r} must be a positive integer")
         options[name] = value
-    url = str(request.base_url).rstrip("/")
+    api_key = data.get("apiKey")
+    if api_key is not None and not isinstance(api_key, str):
+        raise invalid("field 'apiKey' must be a string")
     run = runner.start(
-        url=url, token=admin_token(request), client=admin.client_of(request), options=options
+        url=str(request.base_url).rstrip("/"),
+        token=admin_token(request),
+        client=admin.client_of(request),
+        options=options,
+        api_key=api_key or None,
     )
     return _no_store(json_response(run.view(), status=202))
 

@@ -5,8 +5,8 @@ pointed at this very service. Its output is parsed line by line as it arrives â€
 `-> action`, `[PASS|FAIL|SKIP] step name: detail`, the final `GO` / `NO-GO` â€” into the state the
 console's live stream carries. One rollout at a time per process.
 
-The admin token reaches the child through its environment (as the CLI documents), never its
-command line.
+The admin token (and the chat API key for the drills, when `API_KEYS` is set) reach the child
+through its environment, as the CLI documents, never its command line.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class RolloutRun:
         stripped = text.strip()
         if not stripped or len(self.events) >= _MAX_LINES:
             return
-        if stripped.startswith("== "):
+        if stripped.startswith("=== "):
+            self.events.append({"kind": "stage", "text": stripped.strip("= ")})
+        elif stripped.startswith("== "):
             self.events.append({"kind": "section", "text": stripped[3:]})
         elif stripped.startswith("-> "):
             self.events.append({"kind": "action", "text": stripped[3:]})
@@ -85,22 +87,35 @@ class RolloutRunner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self, *, url: str, token: str, client: str, options: dict[str, int]) -> RolloutRun:
+    def start(
+        self,
+        *,
+        url: str,
+        token: str,
+        client: str,
+        options: dict[str, int],
+        api_key: str | None = None,
+    ) -> RolloutRun:
         run = RolloutRun(started_at=time.time(), client=client)
         run.report = self._folder / "STAGING_VALIDATION_REPORT.md"
         with contextlib.suppress(FileNotFoundError):
             run.report.unlink()
         self.current = run
-        self._task = asyncio.create_task(self._run(run, url, token, options))
+        env = {"ADMIN_TOKEN": token}
+        if api_key:
+            env["ROM_AGENT_API_KEY"] = api_key  # the chat drills' key when API_KEYS is set
+        self._task = asyncio.create_task(self._run(run, url, env, options))
         return run
 
-    async def _run(self, run: RolloutRun, url: str, token: str, options: dict[str, int]) -> None:
+    async def _run(
+        self, run: RolloutRun, url: str, secrets: dict[str, str], options: dict[str, int]
+    ) -> None:
         assert run.report is not None
         args = [sys.executable, "-m", "rom_agent", "rollout", "--url", url]
         args += ["--report", str(run.report)]
         for name, value in options.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
-        env = {**os.environ, "ADMIN_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **secrets, "PYTHONUNBUFFERED": "1"}
         log.warning("rollout started from the console", client=run.client)
         try:
             process = await asyncio.create_subprocess_exec(

@@ -147,7 +147,8 @@
   $("rollout-start").addEventListener("click", async () => {
     if (!confirm("Start the rollout (stages A → B → C) against this service? It changes flags and switches fault injection on for each drill.")) return;
     $("rollout-events").replaceChildren();
-    const result = await call("POST", "/console/api/rollout", {});
+    const key = $("rollout-key").value.trim();
+    const result = await call("POST", "/console/api/rollout", key ? { apiKey: key } : {});
     $("rollout-error").textContent = result.ok ? "" : result.data.error || "could not start";
   });
 
