@@ -76,3 +76,18 @@ def test_a_streamed_turn_after_ended_tool_use_starts_at_a_user_turn(
         events = sse_events(post_stream(client, body)[1])
     assert events[-1]["type"] == "done", events[-1]
     assert "tool" not in first_roles(fake)
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_the_postgresql_store_gives_the_same_window(
+    tmp_path: Path, fake: FakeOpenAI, pg_url: str, window: int
+) -> None:
+    prime(fake)
+    fake.script([CALL, CALL, ANSWER, ANSWER], model="primary")
+    settings = {"history_max_messages": window, "max_agent_turns": 2, "database_url": pg_url}
+    with gateway(tmp_path, fake, **settings) as app, app.client() as client:
+        for text in ("2 + 2?", "e agora?"):
+            reply = client.post("/api/chat", json={"message": text, "conversationId": "pg"})
+            assert reply.status_code == 200, reply.text
+    assert "tool" not in first_roles(fake)
+    assert [r.model for r in fake.requests] == ["primary"] * len(fake.requests)

@@ -308,8 +308,9 @@ class SimulatorProvider:
             raise _error(behaviour, request.model)
         content = self._answer(request, behaviour)
         output = sum(
-            count_tokens(b.text) if isinstance(b, TextBlock) else count_tokens(str(b.input))
+            count_tokens(b.text if isinstance(b, TextBlock) else str(b.input))
             for b in content
+            if isinstance(b, TextBlock | ToolUseBlock)
         )
         return ChatResponse(
             request.model, content, _stop_reason(content), Usage(_input_tokens(request), output)

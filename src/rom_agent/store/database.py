@@ -97,13 +97,13 @@ class Database:
         """Run `job` in a transaction; returns once it is committed."""
         return await self._submit(job, write=True)
 
-    def _submit(self, job: Job, *, write: bool) -> asyncio.Future[Any]:
+    def _submit(self, job: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
         if self._closing:
             raise DatabaseClosedError(self._path)
         if self._thread is None:
             raise RuntimeError("database is not running")
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Work(job, write, future, loop))
         return future
 
