@@ -15,14 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import uvicorn
 
-from rom_agent.app import create_app, create_services
+from rom_agent.app import ServiceApp, create_app, create_services
 from rom_agent.config import Settings, load_settings
 from rom_agent.services import Services
 
@@ -55,9 +55,17 @@ class RunningApp:
 
 
 @contextlib.contextmanager
-def running_app(settings: Settings, services: Services | None = None) -> Iterator[RunningApp]:
+def running_app(
+    settings: Settings,
+    services: Services | None = None,
+    *,
+    configure: Callable[[ServiceApp], None] | None = None,
+) -> Iterator[RunningApp]:
+    """`configure` gets the application before it serves (to add a middleware, say)."""
     services = services or create_services(settings)
     app = create_app(settings, services=services)
+    if configure is not None:
+        configure(app)
     port = free_port()
     config = uvicorn.Config(
         app,

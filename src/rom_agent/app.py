@@ -1,5 +1,4 @@
-"""The ASGI application: builds the services, mounts the routes, maps every error to the SPEC
-body format."""
+"""The ASGI application: builds the services and serves the one route table."""
 
 from __future__ import annotations
 
@@ -8,12 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from dotenv import dotenv_values
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from rom_agent import __version__
 from rom_agent.agent.chat import ChatService
@@ -22,10 +19,10 @@ from rom_agent.agent.tools import ToolRegistry, default_registry
 from rom_agent.config import ConfigError, Settings
 from rom_agent.flags import FlagStore, load_persisted_overrides
 from rom_agent.fleet.coordinator import Fleet
-from rom_agent.http import admin, chat, health, openai_compat, web
-from rom_agent.http.errors import ApiError, error_body, error_response, to_api_error
-from rom_agent.http.fastlane import FastLane, FastRoute
+from rom_agent.http import admin
+from rom_agent.http.errors import ErrorMapperMiddleware
 from rom_agent.http.middleware import RequestContextMiddleware
+from rom_agent.http.routes import ROUTES, TableRouter
 from rom_agent.instrumentation import runtime
 from rom_agent.logs import get_logger
 from rom_agent.metrics import Metrics
@@ -33,10 +30,9 @@ from rom_agent.providers.base import ModelRef, Provider
 from rom_agent.providers.bedrock import BedrockProvider
 from rom_agent.providers.openai import OpenAIProvider
 from rom_agent.providers.simulator import SimBehaviour, SimulatorProvider
-from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck
+from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.clock import Clock, SystemClock
-from rom_agent.resilience.errors import PipelineError
 from rom_agent.resilience.pipeline import Pipeline
 from rom_agent.services import Services, parse_api_keys
 from rom_agent.store.backend import StoreBackend
@@ -121,59 +117,33 @@ def create_services(
     return services
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    @app.exception_handler(AdmissionRejected)
-    @app.exception_handler(PipelineError)
-    async def known_error(_: Request, exc: Exception) -> Response:
-        return error_response(to_api_error(exc))
+class ServiceApp(Starlette):
+    """Starlette, with the one error mapper as its outermost layer.
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "HTTP_ERROR")
-        message = "route not found" if exc.status_code == 404 else str(exc.detail)
-        return Response(
-            error_body(exc.status_code, code, message),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-            media_type="application/json",
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(ApiError(400, "INVALID_REQUEST", "invalid request"))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", error=type(exc).__name__)
-        return error_response(ApiError(500, "INTERNAL", "internal error"))
-
-
-class ServiceApp(FastAPI):
-    """FastAPI, entered through the request context and the chat routes' fast lane.
-
-    Requests go: request context (id, access log, metrics) → CORS → fast lane for the chat
-    routes → FastAPI for everything else (admin, health, the lifespan).
+    Starlette's own stack puts `ServerErrorMiddleware` (plain-text 500s) and
+    `ExceptionMiddleware` (its exception handlers) around the routes; here every route already
+    maps its errors (`http/routes.py`) and `ErrorMapperMiddleware` maps whatever escapes the
+    router or a middleware, in the same bodies. Middleware added with `add_middleware` sits
+    inside it and wraps every route.
     """
 
-    _entry: ASGIApp | None = None
-
-    def set_entry(self, entry: ASGIApp) -> None:
-        self._entry = entry
-
-    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await super().__call__(scope, receive, send)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["app"] = self  # as Starlette does: `request.app.state` works in the fast lane
-        await (self._entry or self.framework)(scope, receive, send)
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = self.router
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return ErrorMapperMiddleware(app)
 
 
 def create_app(settings: Settings, *, services: Services | None = None) -> ServiceApp:
+    """The service: one Starlette application serving the route table (`http/routes.py`).
+
+    Requests go: request context (id, access log, metrics) → CORS (when configured) → router
+    → the route's guard and endpoint; every error through `errors.error_response_for`.
+    """
     services = services or create_services(settings)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await services.store.start()
         await load_persisted_overrides(services.flags, services.store.flag_overrides)
         await services.fleet.start(services.store)
@@ -196,40 +166,19 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
             await services.store.close()
             log.info("stopped")
 
-    app = ServiceApp(
-        title="ROM Agent",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url="/openapi.json",
-    )
-    app.state.services = services
-    app.include_router(health.router)
-    app.include_router(chat.router)
-    app.include_router(openai_compat.router)
-    app.include_router(admin.router)
-    for method, path, endpoint in web.ROUTES:
-        app.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
-    _install_error_handlers(app)
-
-    asgi: ASGIApp = FastLane(
-        app.framework,
-        [
-            ("POST", FastRoute("/api/chat", chat.chat)),
-            ("POST", FastRoute("/api/chat/stream", chat.chat_stream)),
-            ("POST", FastRoute("/v1/chat/completions", openai_compat.chat_completions, True)),
-            ("GET", FastRoute("/v1/models", openai_compat.list_models, True)),
-        ],
-    )
+    middleware = [Middleware(RequestContextMiddleware, metrics=services.metrics)]
     if settings.cors_origins:
-        asgi = CORSMiddleware(
-            asgi,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            )
         )
-    app.set_entry(RequestContextMiddleware(asgi, metrics=services.metrics))
+    app = ServiceApp(middleware=middleware)
+    app.router = TableRouter(ROUTES, lifespan=lifespan)
+    app.state.services = services
     return app
 
 

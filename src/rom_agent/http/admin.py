@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from rom_agent.config import SECRET_KEYS, ConfigError, Settings
@@ -35,7 +35,7 @@ def _digest(value: str) -> bytes:
 
 
 async def require_admin(request: Request) -> None:
-    """Router-wide dependency, so no admin route can forget the check."""
+    """The guard of every `/admin` route in the route table."""
     token = services_of(request).settings.admin_token
     expected = token.get_secret_value() if token is not None else ""
     if not expected:
@@ -45,9 +45,6 @@ async def require_admin(request: Request) -> None:
     if not hmac.compare_digest(_digest(presented), _digest(expected)):
         log.warning("admin authentication failed", path=request.url.path, client=client_of(request))
         raise ApiError(401, "UNAUTHORIZED", "missing or invalid X-Admin-Token")
-
-
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
 def warn_about_admin_token(settings: Settings) -> None:
@@ -86,12 +83,10 @@ def _changed_view(flags: FlagStore, entry: AuditEntry) -> dict[str, Any]:
 # ---------------------------------------------------------------------- flags
 
 
-@router.get("/flags")
 async def get_flags(request: Request) -> Response:
     return json_response(flags_view(services_of(request).flags))
 
 
-@router.patch("/flags")
 async def patch_flags(request: Request) -> Response:
     services = services_of(request)
     data = parse_json_object(await read_body(request, _MAX_BODY_BYTES))
@@ -105,9 +100,9 @@ async def patch_flags(request: Request) -> Response:
     return json_response(_changed_view(services.flags, entry))
 
 
-@router.delete("/flags/{key}")
-async def delete_flag(request: Request, key: str) -> Response:
+async def delete_flag(request: Request) -> Response:
     services = services_of(request)
+    key: str = request.path_params["key"]
     try:
         entry = await services.flags.remove(key, client=client_of(request))
     except ConfigError as exc:  # the env/default values are incompatible with other overrides
@@ -117,7 +112,6 @@ async def delete_flag(request: Request, key: str) -> Response:
     return json_response(_changed_view(services.flags, entry))
 
 
-@router.get("/flags/history")
 async def flag_history(request: Request) -> Response:
     raw = request.query_params.get("limit", str(_HISTORY_DEFAULT))
     if not raw.isdigit() or not 1 <= int(raw) <= _HISTORY_MAX:
@@ -129,14 +123,14 @@ async def flag_history(request: Request) -> Response:
 # ---------------------------------------------------------------------- breakers, bottleneck
 
 
-@router.get("/breakers")
 async def get_breakers(request: Request) -> Response:
     return json_response(services_of(request).breakers.snapshot())
 
 
-@router.post("/breakers/{model}/{action}")
-async def breaker_action(request: Request, model: str, action: str) -> Response:
+async def breaker_action(request: Request) -> Response:
     services = services_of(request)
+    model: str = request.path_params["model"]
+    action: str = request.path_params["action"]
     method = _BREAKER_METHODS.get(action)
     if method is None:
         raise ApiError(404, "NOT_FOUND", f"unknown breaker action {action!r} (open|close|reset)")
@@ -164,12 +158,10 @@ async def breaker_action(request: Request, model: str, action: str) -> Response:
     )
 
 
-@router.get("/bottleneck")
 async def get_bottleneck(request: Request) -> Response:
     return json_response(services_of(request).bottleneck.snapshot())
 
 
-@router.get("/fleet")
 async def get_fleet(request: Request) -> Response:
     """The live replicas with their state (from the Redis registry) and the shared state."""
     return json_response(await services_of(request).fleet.snapshot())

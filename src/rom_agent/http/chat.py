@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from rom_agent.agent.chat import ChatTurn
@@ -25,7 +25,6 @@ from rom_agent.providers.base import ModelRef
 from rom_agent.resilience.bottleneck import Permit
 from rom_agent.resilience.faults import parse_fault_plan
 
-router = APIRouter()
 log = get_logger("rom_agent.http.chat")
 
 _CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -103,7 +102,6 @@ async def admitted_turn(request: Request, services: Services) -> tuple[Permit, C
         raise
 
 
-@router.post("/api/chat")
 async def chat(request: Request) -> Response:
     services = services_of(request)
     permit, turn = await admitted_turn(request, services)
@@ -112,7 +110,6 @@ async def chat(request: Request) -> Response:
     return json_response(outcome.to_dict())
 
 
-@router.post("/api/chat/stream")
 async def chat_stream(request: Request) -> Response:
     services = services_of(request)
     permit, turn = await admitted_turn(request, services)
@@ -178,9 +175,9 @@ async def chat_events(
         permit.release()
 
 
-@router.get("/api/conversations/{conversation_id}")
-async def get_conversation(request: Request, conversation_id: str) -> Response:
+async def get_conversation(request: Request) -> Response:
     services = services_of(request)
+    conversation_id: str = request.path_params["conversation_id"]
     check_api_key(request, services)
     if not _CONVERSATION_ID.fullmatch(conversation_id):
         raise invalid("conversation id must be 1-128 characters of [A-Za-z0-9_.:-]")

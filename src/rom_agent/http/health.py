@@ -6,14 +6,12 @@ import asyncio
 import time
 
 import orjson
-from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import Response
 
 from rom_agent.http.errors import ApiError
 from rom_agent.http.services import services_of
-
-router = APIRouter()
 
 _READY_DB_TIMEOUT_S = 2.0
 
@@ -22,7 +20,6 @@ def _json(body: object, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-@router.get("/health")
 async def health(request: Request) -> Response:
     """Liveness: the process answers. No dependency is checked here on purpose — a failing
     dependency must not get a healthy process restarted."""
@@ -31,7 +28,6 @@ async def health(request: Request) -> Response:
     return _json({"status": "ok", "uptime": uptime, "version": services.version})
 
 
-@router.get("/ready")
 async def ready(request: Request) -> Response:
     """Readiness: should this instance get traffic? Draining or a dead store says no."""
     services = services_of(request)
@@ -66,7 +62,6 @@ async def ready(request: Request) -> Response:
     return _json({"status": status, "checks": checks}, code)
 
 
-@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     services = services_of(request)
     if not services.flags.current.enable_metrics:

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
 
@@ -51,7 +51,6 @@ from rom_agent.providers.openai_wire import (
 from rom_agent.resilience.faults import parse_fault_plan
 from rom_agent.resilience.pipeline import ModelCall, StreamStart
 
-router = APIRouter()
 log = get_logger("rom_agent.http.openai_compat")
 
 
@@ -172,7 +171,6 @@ def _api_error(exc: Exception) -> ApiError:
     return error
 
 
-@router.get("/v1/models")
 async def list_models(request: Request) -> Response:
     services = services_of(request)
     created = int(services.started_wall)
@@ -183,7 +181,6 @@ async def list_models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
-@router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     services = services_of(request)
     try:
