@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -158,3 +159,74 @@ async def test_a_write_submitted_while_closing_fails_fast(tmp_path: Path) -> Non
     finally:
         await reopened.close()
     assert stored is not None and [m.to_dict()["content"] for m in stored] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- stress
+
+
+async def test_concurrent_writes_racing_a_close_all_resolve_and_match_the_disk(
+    tmp_path: Path,
+) -> None:
+    """Writers on this loop and on another thread's loop, some jobs failing after writing,
+    and a close in the middle. Invariants: every write resolves (no hang), a write that
+    succeeded is on disk, a failed or refused one left nothing."""
+    path = str(tmp_path / "stress.db")
+    db = Database(path, schema="CREATE TABLE IF NOT EXISTS t (v TEXT PRIMARY KEY);")
+    db.start()
+
+    def insert(value: str, *, fail: bool) -> Callable[[sqlite3.Connection], object]:
+        def job(connection: sqlite3.Connection) -> object:
+            connection.execute("INSERT INTO t VALUES (?)", (value,))
+            if fail:
+                raise ValueError(value)
+            return value
+
+        return job
+
+    async def writer(prefix: str, count: int, outcomes: dict[str, str]) -> None:
+        async def one(i: int) -> None:
+            value = f"{prefix}-{i}"
+            try:
+                await db.write(insert(value, fail=i % 7 == 3))
+                outcomes[value] = "ok"
+            except ValueError:
+                outcomes[value] = "failed"
+            except DatabaseClosedError:
+                outcomes[value] = "refused"
+
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.ensure_future(one(i)))
+            if i % 16 == 0:
+                await asyncio.sleep(0)  # interleave with the worker and the close
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    other: dict[str, str] = {}
+    other_started = threading.Event()
+
+    def other_thread() -> None:
+        async def main() -> None:
+            other_started.set()
+            await writer("other", 2000, other)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    other_started.wait(10)
+    mine: dict[str, str] = {}
+    writing = asyncio.ensure_future(writer("main", 2000, mine))
+    for _ in range(40):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(db.close(), 30)
+    await writing
+    await asyncio.to_thread(thread.join, 30)
+    assert not thread.is_alive()
+
+    outcomes = {**mine, **other}
+    assert len(outcomes) == 4000  # every write resolved, one way or another
+    counts = Counter(outcomes.values())
+    assert counts["refused"] > 0 and counts["ok"] > 0  # the close was mid-load
+    with sqlite3.connect(path) as connection:
+        stored = {row[0] for row in connection.execute("SELECT v FROM t")}
+    assert stored == {value for value, outcome in outcomes.items() if outcome == "ok"}
