@@ -60,8 +60,11 @@ def running_app(
     services: Services | None = None,
     *,
     configure: Callable[[ServiceApp], None] | None = None,
+    uvloop: bool = False,
 ) -> Iterator[RunningApp]:
-    """`configure` gets the application before it serves (to add a middleware, say)."""
+    """`configure` gets the application before it serves (to add a middleware, say); with
+    `uvloop`, the server's thread runs production's event loop (the process-wide policy is
+    left alone)."""
     services = services or create_services(settings)
     app = create_app(settings, services=services)
     if configure is not None:
@@ -77,7 +80,13 @@ def running_app(
         lifespan="on",
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+
+    def serve() -> None:
+        factory = _uvloop_factory() if uvloop else None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(server.serve())
+
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
@@ -89,6 +98,12 @@ def running_app(
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 class ServiceProcess:

@@ -41,12 +41,12 @@ def test_a_client_leaving_a_stream_ends_its_run(tmp_path: Path, fake: FakeOpenAI
         assert client.get("/api/conversations/left").status_code == 404
 
 
-def slow_tool_registry(started: list[bool]) -> ToolRegistry:
+def slow_tool_registry(started: list[str]) -> ToolRegistry:
     registry = ToolRegistry()
     register_calculator(registry)
 
     async def esperar(args: dict[str, Any]) -> str:
-        started.append(True)
+        started.append(type(asyncio.get_running_loop()).__module__)  # which loop serves
         await asyncio.Event().wait()  # never finishes: only the run's deadline ends it
         return "nunca"
 
@@ -54,14 +54,18 @@ def slow_tool_registry(started: list[bool]) -> ToolRegistry:
     return registry
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("route", ["/api/chat", "/api/chat/stream"])
-def test_the_deadline_bounds_the_whole_run_tool_time_included(tmp_path: Path, route: str) -> None:
+def test_the_deadline_bounds_the_whole_run_tool_time_included(
+    tmp_path: Path, route: str, loop: str
+) -> None:
     settings = isolated_settings(tmp_path, request_timeout_s=0.5)
-    started: list[bool] = []
+    started: list[str] = []
     services = create_services(settings, tools=slow_tool_registry(started))
-    with running_app(settings, services) as app, app.client() as client:
+    running = running_app(settings, services, uvloop=loop == "uvloop")
+    with running as app, app.client() as client:
         response = client.post(route, json={"message": "SIM_TOOLS:esperar*1"})
-    assert started == [True]
+    assert len(started) == 1 and started[0].startswith(loop)
     if route == "/api/chat":
         assert response.status_code == 504, response.text
         assert response.json()["code"] == "TIMEOUT"
