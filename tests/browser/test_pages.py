@@ -201,6 +201,33 @@ def test_chat_streams_survives_reload_and_renders_model_html_as_text(
     context.close()
 
 
+def test_chat_shows_a_readable_error_when_every_model_is_open(
+    browser: Any, service: ServiceProcess
+) -> None:
+    admin = _admin(service)
+    for model in ("rom-sim-1", "rom-sim-2"):
+        admin.post(f"/admin/breakers/{model}/open").raise_for_status()
+    try:
+        context = browser.new_context(viewport={"width": 390, "height": 800})  # a phone
+        page = context.new_page()
+        page.goto(service.url + "/chat")
+        page.evaluate("(key) => sessionStorage.setItem('rom.apiKey', key)", API_KEY)
+        page.fill("#message", "Olá?")
+        page.click("#send")
+        error = page.locator(".msg.assistant.failed .error")
+        error.wait_for()
+        assert error.inner_text().startswith("Não foi possível responder:")
+        assert "Tente novamente" in error.inner_text()
+        assert page.locator(".msg.assistant.failed .meta").inner_text() == "CIRCUIT_OPEN"
+        assert page.locator("#sidebar").is_hidden()  # phone layout: the list is behind ☰
+        page.click("#toggle-sidebar")
+        assert page.locator("#sidebar").is_visible()
+        context.close()
+    finally:
+        for model in ("rom-sim-1", "rom-sim-2"):
+            admin.post(f"/admin/breakers/{model}/reset").raise_for_status()
+
+
 def test_rollout_started_from_the_page_shows_each_check_as_it_runs(
     browser: Any, fresh_service: ServiceProcess
 ) -> None:

@@ -158,9 +158,10 @@
           describeMeta(answer.meta, event);
         } else if (event.type === "error") {
           answer.node.classList.add("failed");
+          // Before any text: no answer at all; after some: a cut answer, never shown as complete.
+          const lead = content ? "A resposta foi interrompida: " : "Não foi possível responder: ";
           answer.body.append(el("p", { class: "error" },
-            "A resposta foi interrompida: " + (event.error || event.code) +
-            (event.recoverable ? " Tente novamente." : "")));
+            lead + (event.error || event.code) + (event.recoverable ? " Tente novamente em instantes." : "")));
           answer.meta.textContent = event.code || "erro";
         }
       }
