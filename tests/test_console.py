@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,46 @@ async def test_fleet_panel_shows_the_fleet_snapshot_only_in_fleet_mode(tmp_path:
     services.fleet = FakeFleet()  # type: ignore[assignment]
     fleet = (await live.snapshot())["fleet"]
     assert [replica["id"] for replica in fleet["replicas"]] == ["a", "b"]
+
+
+def test_a_cli_rollout_is_watched_through_its_feed(app: RunningApp) -> None:
+    from rom_agent.ops.client import AdminClient
+    from rom_agent.ops.rollout_feed import ServiceFeed
+
+    out = io.StringIO()
+    feed = ServiceFeed(out, AdminClient(app.url, TOKEN), run_id="cli-run-1")
+    print("=== Stage A: Align the bottleneck parameters", file=feed, flush=True)
+    feed.write("[PASS] A4 MAX_CONCURRENT is 5: 5\n[FAIL] B breaker opens\n")
+    feed.write("\nNO-GO: report written to ./STAGING_VALIDATION_REPORT.md\n")
+    feed.report("# Staging validation report\n**Verdict: NO-GO**\n")
+    assert feed.enabled
+    assert out.getvalue().startswith("=== Stage A")  # the terminal still gets every line
+
+    http, _ = _login(app)
+    with contextlib.closing(http):
+        with http.stream("GET", "/console/events") as response:
+            line = next(line for line in response.iter_lines() if line.startswith("data: "))
+        assert "Verdict: NO-GO" in http.get("/console/rollout/report").text
+    rollout = orjson.loads(line[6:])["rollout"]
+    assert (rollout["source"], rollout["status"]) == ("cli", "NO-GO")
+    assert rollout["client"] == "127.0.0.1"
+    assert [e["kind"] for e in rollout["events"]] == ["stage", "check", "check", "verdict"]
+    assert rollout["reportUrl"] == "/console/rollout/report"
+
+
+def test_the_feed_needs_the_admin_token_and_switches_off_quietly(app: RunningApp) -> None:
+    from rom_agent.ops.client import AdminClient
+    from rom_agent.ops.rollout_feed import ServiceFeed
+
+    with app.client() as http:
+        body = {"run": "x", "lines": ["[PASS] a: b"]}
+        assert http.post("/admin/rollout/lines", json=body).status_code == 401
+    out = io.StringIO()
+    feed = ServiceFeed(out, AdminClient(app.url, "wrong-token-000000000000000000000"), "r")
+    feed.write("== Preflight\n")
+    feed.report("report")
+    assert not feed.enabled and out.getvalue() == "== Preflight\n"
+    http, _ = _login(app)
+    with contextlib.closing(http), http.stream("GET", "/console/events") as response:
+        line = next(line for line in response.iter_lines() if line.startswith("data: "))
+    assert orjson.loads(line[6:])["rollout"] is None  # nothing reached the console

@@ -34,11 +34,12 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from rom_agent.ops.bottleneck_checks import DEFAULT_DELAY_MS, validate_bottleneck
 from rom_agent.ops.breaker_checks import validate_breaker
 from rom_agent.ops.client import ApiCallError
+from rom_agent.ops.rollout_feed import ServiceFeed, feed_enabled
 from rom_agent.ops.rollout_model import (
     GUIDE_MAX_CONCURRENT,
     GUIDE_MAX_QUEUE,
@@ -359,11 +360,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if target is None:
         return EXIT_USAGE
     plan = Plan(args.max_concurrent, args.max_queue, args.burst_delay_ms)
-    ctx = Context(target, plan, out or sys.stdout)
+    out = out or sys.stdout
+    # The service's console watches this rollout live (best effort, never blocks it).
+    feed = ServiceFeed(out, target.client) if feed_enabled() else None
+    ctx = Context(target, plan, cast(TextIO, feed) if feed is not None else out)
     result = run_rollout(ctx)
-    args.report.write_text(render_report(result), encoding="utf-8")
+    report = render_report(result)
+    args.report.write_text(report, encoding="utf-8")
     verdict = "GO" if result.go else "NO-GO"
     print(f"\n{verdict}: report written to {args.report}", file=ctx.out, flush=True)
+    if feed is not None:
+        feed.report(report)
     if result.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if result.go else EXIT_FAILED

@@ -38,4 +38,7 @@ ROUTES: tuple[tuple[str, str, Endpoint], ...] = (
     ("POST", "/console/api/breakers/{model}/{action}", console.breaker_action),
     ("POST", "/console/api/rollout", console.start_rollout),
     ("GET", "/console/rollout/report", console.rollout_report),
+    # Admin-token routes: `rom-agent rollout` reports its progress for the console to watch.
+    ("POST", "/admin/rollout/lines", console.rollout_lines),
+    ("POST", "/admin/rollout/report", console.rollout_report_upload),
 )

@@ -208,3 +208,43 @@ async def rollout_report(request: Request) -> Response:
     return PlainTextResponse(
         text, headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
     )
+
+
+# ---------------------------------------------------------------------- a CLI rollout, watched
+
+_FEED_MAX_BYTES = 256 * 1024
+_REPORT_MAX_BYTES = 2 * 1024 * 1024
+_RUN_ID_CHARS = 64
+
+
+def _run_id(data: dict[str, Any]) -> str:
+    run_id = data.get("run")
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= _RUN_ID_CHARS:
+        raise invalid(f"field 'run' must be a string of 1-{_RUN_ID_CHARS} characters")
+    return run_id
+
+
+async def rollout_lines(request: Request) -> Response:
+    """POST /admin/rollout/lines (X-Admin-Token): output lines of `rom-agent rollout`."""
+    await admin.require_admin(request)
+    data = parse_json_object(await read_body(request, _FEED_MAX_BYTES))
+    lines = data.get("lines")
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise invalid("field 'lines' must be a list of strings")
+    try:
+        _rollouts(request).watch(_run_id(data), lines, admin.client_of(request))
+    except RuntimeError as exc:
+        raise ApiError(409, "ROLLOUT_RUNNING", str(exc)) from None
+    return json_response({"accepted": len(lines)})
+
+
+async def rollout_report_upload(request: Request) -> Response:
+    """POST /admin/rollout/report (X-Admin-Token): the report of the watched CLI rollout."""
+    await admin.require_admin(request)
+    data = parse_json_object(await read_body(request, _REPORT_MAX_BYTES))
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise invalid("field 'text' must be a string")
+    if not _rollouts(request).save_report(_run_id(data), text):
+        raise ApiError(404, "NOT_FOUND", "no watched rollout with that run id")
+    return json_response({"saved": True})

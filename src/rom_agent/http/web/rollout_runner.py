@@ -5,6 +5,9 @@ pointed at this very service. Its output is parsed line by line as it arrives â€
 `-> action`, `[PASS|FAIL|SKIP] step name: detail`, the final `GO` / `NO-GO` â€” into the state the
 console's live stream carries. One rollout at a time per process.
 
+A rollout started from the CLI is watched the same way: its `ServiceFeed` (ops/rollout_feed.py)
+POSTs the same lines to `/admin/rollout/lines` and the report to `/admin/rollout/report`.
+
 The admin token (and the chat API key for the drills, when `API_KEYS` is set) reach the child
 through its environment, as the CLI documents, never its command line.
 """
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rom_agent.logs import get_logger
+from rom_agent.ops.rollout_feed import FEED_ENV
 
 log = get_logger("rom_agent.console.rollout")
 
@@ -40,10 +45,13 @@ class RolloutRun:
     report: Path | None = None
     exit_code: int | None = None
     client: str = ""
+    source: str = "console"  # console (started from the page) | cli (watched)
+    run_id: str = ""
+    last_line_at: float = 0.0
 
     def feed(self, line: str) -> None:
-        text = line.rstrip()
-        stripped = text.strip()
+        self.last_line_at = time.time()
+        stripped = line.strip()
         if not stripped or len(self.events) >= _MAX_LINES:
             return
         if stripped.startswith("=== "):
@@ -66,7 +74,11 @@ class RolloutRun:
     def view(self) -> dict[str, Any]:
         return {
             "status": self.status,
+            "source": self.source,
+            "runId": self.run_id,
+            "client": self.client,
             "startedAt": self.started_at,
+            "lastLineAt": self.last_line_at,
             "events": self.events,
             "exitCode": self.exit_code,
             "reportUrl": "/console/rollout/report" if self.report_ready else None,
@@ -87,6 +99,27 @@ class RolloutRunner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def watch(self, run_id: str, lines: list[str], client: str) -> RolloutRun:
+        """Lines of a CLI rollout (its feed). A new run id starts a new watched run, unless
+        the console's own rollout is running (RuntimeError)."""
+        run = self.current
+        if run is None or run.run_id != run_id:
+            if self.running:
+                raise RuntimeError("a rollout started from the console is running")
+            run = RolloutRun(started_at=time.time(), client=client, source="cli", run_id=run_id)
+            self.current = run
+        for line in lines:
+            run.feed(line)
+        return run
+
+    def save_report(self, run_id: str, text: str) -> bool:
+        run = self.current
+        if run is None or run.run_id != run_id or run.source != "cli":
+            return False
+        run.report = self._folder / f"report-{run_id}.md"
+        run.report.write_text(text, encoding="utf-8")
+        return True
+
     def start(
         self,
         *,
@@ -96,12 +129,13 @@ class RolloutRunner:
         options: dict[str, int],
         api_key: str | None = None,
     ) -> RolloutRun:
-        run = RolloutRun(started_at=time.time(), client=client)
+        run = RolloutRun(started_at=time.time(), client=client, run_id=secrets.token_hex(8))
         run.report = self._folder / "STAGING_VALIDATION_REPORT.md"
         with contextlib.suppress(FileNotFoundError):
             run.report.unlink()
         self.current = run
-        env = {"ADMIN_TOKEN": token}
+        # This child's output is read directly: its own feed to the service stays off.
+        env = {"ADMIN_TOKEN": token, FEED_ENV: "off"}
         if api_key:
             env["ROM_AGENT_API_KEY"] = api_key  # the chat drills' key when API_KEYS is set
         self._task = asyncio.create_task(self._run(run, url, env, options))

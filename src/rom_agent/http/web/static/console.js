@@ -133,10 +133,13 @@
     $("rollout-start").disabled = Boolean(run && run.status === "running");
     if (!run) return;
     status.hidden = false;
-    status.textContent = run.status;
+    const origin = run.source === "cli" ? ` (CLI, ${run.client})` : "";
+    const quiet = run.status === "running" && run.lastLineAt && Date.now() / 1000 - run.lastLineAt > 120;
+    status.textContent = run.status + origin + (quiet ? " — no output for over 2 min" : "");
     status.dataset.status = run.status;
     $("rollout-report").hidden = !run.reportUrl;
     const list = $("rollout-events");
+    if (list.dataset.run !== run.runId) { list.replaceChildren(); list.dataset.run = run.runId; }
     for (let i = list.children.length; i < run.events.length; i++) {
       const e = run.events[i];
       const mark = e.kind === "check" ? el("span", { class: "outcome", "data-outcome": e.outcome }, e.outcome) : null;
