@@ -1,1 +1,0 @@
-"""Operator tooling: the admin API client and the commands built on it."""
