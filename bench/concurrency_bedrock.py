@@ -22,7 +22,11 @@ async def run(streams: int, latency_s: float) -> None:
     from botocore.credentials import Credentials
     from tests.fakes.bedrock_server import FakeBedrock
 
-    from rom_agent.providers.base import ChatRequest, Message, StopEvent
+    from rom_agent.domain.messages import (
+        ChatRequest,
+        Message,
+        StopEvent,
+    )
     from rom_agent.providers.bedrock import BedrockProvider
 
     async with FakeBedrock(delay_s=latency_s, record=False) as fake:

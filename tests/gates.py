@@ -7,7 +7,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from rom_agent.providers.base import ChatRequest, ChatResponse, StreamEvent
+from rom_agent.domain.messages import (
+    ChatRequest,
+    ChatResponse,
+    StreamEvent,
+)
 from rom_agent.providers.simulator import SimulatorProvider
 
 

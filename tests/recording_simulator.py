@@ -9,7 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from rom_agent.providers.base import ChatRequest, ChatResponse, StreamEvent
+from rom_agent.domain.messages import (
+    ChatRequest,
+    ChatResponse,
+    StreamEvent,
+)
 from rom_agent.providers.simulator import SimulatorProvider
 
 

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from rom_agent.config import load_settings
-from rom_agent.flags import FlagStore
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import (
+from rom_agent.domain.errors import (
+    ErrorKind,
+    ProviderError,
+)
+from rom_agent.domain.events import Events
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
-    ErrorKind,
     Message,
     ModelRef,
-    ProviderError,
     StopEvent,
     StreamEvent,
     TextBlock,
@@ -31,6 +32,8 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
+from rom_agent.flags import FlagStore
+from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
 from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.clock import FakeClock
 from rom_agent.resilience.faults import FaultPlan
@@ -229,6 +232,7 @@ class Harness:
     breakers: BreakerRegistry
     provider: ScriptedProvider
     pipeline: Pipeline
+    events: Events
     chain: tuple[ModelRef, ...] = field(default=(SIM1, SIM2))
 
     def call(
@@ -268,8 +272,9 @@ def make_harness(**overrides: Any) -> Harness:
     clock = FakeClock(autoadvance=False)
     flags = make_flags(**overrides)
     metrics = Metrics(lambda: flags.current.enable_metrics, MODELS)
-    breakers = BreakerRegistry(flags, clock, metrics)
+    events = Events(metrics)
+    breakers = BreakerRegistry(flags, clock, events)
     metrics.breaker_source = breakers
     provider = ScriptedProvider(clock)
-    pipeline = Pipeline(flags, {"simulator": provider}, breakers, metrics, clock)
-    return Harness(clock, flags, metrics, breakers, provider, pipeline)
+    pipeline = Pipeline(flags, {"simulator": provider}, breakers, events, clock)
+    return Harness(clock, flags, metrics, breakers, provider, pipeline, events)

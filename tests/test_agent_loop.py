@@ -14,8 +14,7 @@ import pytest
 from rom_agent.agent.loop import AgentLoop, AgentResult, ModelTurn, ToolCall
 from rom_agent.agent.tools import ToolRegistry, default_registry, register_calculator
 from rom_agent.config import load_settings
-from rom_agent.flags import FlagStore
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     Message,
@@ -25,6 +24,7 @@ from rom_agent.providers.base import (
     ToolUseBlock,
     Usage,
 )
+from rom_agent.flags import FlagStore
 from rom_agent.providers.simulator import SimBehaviour, SimulatorProvider
 
 MODEL = "rom-sim-1"

@@ -8,8 +8,9 @@ from typing import Any, TypeVar
 import pytest
 
 from rom_agent.config import Settings
+from rom_agent.domain.events import Events
 from rom_agent.flags import FlagStore
-from rom_agent.metrics import Metrics
+from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
 from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck, Permit
 from rom_agent.resilience.clock import FakeClock
 
@@ -33,7 +34,8 @@ def make(
     )
     flags = FlagStore(settings)
     clock = FakeClock(autoadvance=False)
-    return Bottleneck(flags, clock, metrics), flags, clock
+    events = Events(metrics) if metrics is not None else None
+    return Bottleneck(flags, clock, events), flags, clock
 
 
 async def settle(steps: int = 8) -> None:

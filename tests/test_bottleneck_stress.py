@@ -3,7 +3,7 @@
 Thousands of requests arrive, hold their slot for random times, fail, release twice, get
 cancelled (while queued, right after being granted, while running) or time out, while the
 limits and the enable flag change underneath. Invariants are checked at every grant (through
-a `Metrics` hook, which runs synchronously inside the state change) and after every step.
+an events listener, which runs synchronously inside the state change) and after every step.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import pytest
 
 from rom_agent.config import Settings
+from rom_agent.domain.events import AdmissionGranted, Event, Events
 from rom_agent.flags import FlagStore
-from rom_agent.metrics import Metrics
+from rom_agent.instrumentation.prometheus import PrometheusMetrics
 from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck
 from rom_agent.resilience.clock import FakeClock
 
@@ -24,23 +25,23 @@ STEPS = 1500
 SEEDS = (1, 2, 3)
 
 
-class CheckingMetrics(Metrics):
+class CheckingListener:
     """Asserts the concurrency limit at the exact moment of every admission."""
 
     bottleneck: Bottleneck
     flags: FlagStore
     grants = 0
 
-    def admission_admitted(self, waited_s: float, queued: bool) -> None:
-        assert self.bottleneck.running <= self.flags.current.max_concurrent
-        assert waited_s >= 0 and (queued or waited_s == 0)
-        self.grants += 1
-        super().admission_admitted(waited_s, queued)
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, AdmissionGranted):
+            assert self.bottleneck.running <= self.flags.current.max_concurrent
+            assert event.waited_s >= 0 and (event.queued or event.waited_s == 0)
+            self.grants += 1
 
 
 @pytest.fixture
-def metrics() -> CheckingMetrics:
-    return CheckingMetrics(enabled=lambda: True, models=["rom-sim-1"])
+def metrics() -> CheckingListener:
+    return CheckingListener()
 
 
 @dataclass
@@ -59,15 +60,16 @@ async def settle(steps: int = 8) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-async def test_invariants_hold_under_random_load(seed: int, metrics: CheckingMetrics) -> None:
+async def test_invariants_hold_under_random_load(seed: int, metrics: CheckingListener) -> None:
     rng = random.Random(seed)
     flags = FlagStore(
         Settings(enable_bottleneck=True, max_concurrent=5, max_queue=20, queue_timeout_s=3.0)
     )
     clock = FakeClock(autoadvance=False)
-    bottleneck = Bottleneck(flags, clock, metrics)
+    prometheus = PrometheusMetrics(enabled=lambda: True, models=["rom-sim-1"])
+    bottleneck = Bottleneck(flags, clock, Events(prometheus, metrics))
     metrics.bottleneck, metrics.flags = bottleneck, flags
-    metrics.admission_source = bottleneck
+    prometheus.admission_source = bottleneck
     tally = Tally()
 
     async def request(hold_s: float, style: str) -> None:
@@ -166,10 +168,10 @@ async def test_invariants_hold_under_random_load(seed: int, metrics: CheckingMet
     assert len(tasks) > 2000
     handed_on = totals["admitted"] - tally.resumed  # granted, then cancelled before resuming
     assert handed_on > 0
-    assert metrics.registry.get_sample_value("bottleneck_running", {}) == 0
-    assert metrics.registry.get_sample_value("bottleneck_queued", {}) == 0
+    assert prometheus.registry.get_sample_value("bottleneck_running", {}) == 0
+    assert prometheus.registry.get_sample_value("bottleneck_queued", {}) == 0
     assert (
-        metrics.registry.get_sample_value("bottleneck_running_total", {"operation": "converse"})
+        prometheus.registry.get_sample_value("bottleneck_running_total", {"operation": "converse"})
         == totals["admitted"]
     )
     # No timer task is left behind.

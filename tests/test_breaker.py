@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from rom_agent.metrics import Metrics
+from rom_agent.domain.events import Events
+from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
 from rom_agent.resilience.breaker import NOOP_PERMIT, BreakerOpen, BreakerRegistry, State
 from rom_agent.resilience.clock import FakeClock
 from tests.scripted_provider import make_flags
@@ -29,7 +30,8 @@ class Env:
         self.metrics = Metrics(
             lambda: self.flags.current.enable_metrics, ["rom-sim-1", "rom-sim-2"]
         )
-        self.registry = BreakerRegistry(self.flags, self.clock, self.metrics)
+        self.events = Events(self.metrics)
+        self.registry = BreakerRegistry(self.flags, self.clock, self.events)
         self.metrics.breaker_source = self.registry
         self.breaker = self.registry.get(MODEL)
 
@@ -129,20 +131,25 @@ def test_cooldown_boundary_just_before_and_at(env: Env) -> None:
     env.breaker.acquire()  # the probe is admitted
 
 
-def test_half_open_is_visible_through_states_without_any_call(env: Env) -> None:
+def test_half_open_is_visible_to_a_scrape_which_changes_nothing(env: Env) -> None:
     env.trip()
     env.clock.advance(30)
-    # Nothing but a scrape: the collector reads states() and performs the transition.
-    text = env.metrics.render().decode()
-    assert (
-        'circuit_breaker_state{model="rom-sim-1",operation="converse",state="HALF_OPEN"} 1.0'
-        in text
-    )
-    assert env.transitions("OPEN", "HALF_OPEN") == 1
-    # Observing again does not transition (or count) again.
+    generation = env.breaker.generation
+    # Nothing but scrapes: the gauge shows HALF_OPEN, but no transition is performed.
+    for _ in range(2):
+        text = env.metrics.render().decode()
+        assert (
+            'circuit_breaker_state{model="rom-sim-1",operation="converse",state="HALF_OPEN"} 1.0'
+            in text
+        )
+    assert env.transitions("OPEN", "HALF_OPEN") == 0
+    assert env.breaker.generation == generation
+    assert dict(env.registry.observed_states())[MODEL] == "HALF_OPEN"
+    # The breaker's own read performs it, once.
     assert dict(env.registry.states())[MODEL] == "HALF_OPEN"
-    env.metrics.render()
+    assert env.breaker.state is State.HALF_OPEN
     assert env.transitions("OPEN", "HALF_OPEN") == 1
+    assert env.breaker.generation == generation + 1
 
 
 def test_cooldown_change_at_runtime_applies_to_an_open_breaker(env: Env) -> None:
@@ -408,3 +415,36 @@ def test_metrics_disabled_records_nothing_but_state_still_works() -> None:
     env.trip()
     assert env.sample("circuit_breaker_failure_total", model=MODEL) == 0
     assert env.transitions("CLOSED", "OPEN") == 0
+
+
+def test_flag_off_in_flight_failures_from_before_the_flip_do_not_count() -> None:
+    """Issue 12 #3: results of calls admitted before the flag went off never decide."""
+    env = Env()
+    in_flight = [env.registry.acquire(MODEL) for _ in range(3)]  # admitted while CLOSED
+    env.flags.set({"enable_circuit_breaker": False})
+    for permit in in_flight:
+        permit.record_failure()
+    assert env.breaker.state is State.CLOSED
+    assert env.breaker.snapshot()["mode"] == "disabled"
+    env.flags.set({"enable_circuit_breaker": True})
+    assert env.breaker.state is State.CLOSED
+    env.registry.acquire(MODEL).record_success()  # admitted, not rejected as OPEN
+    assert env.transitions("CLOSED", "OPEN") == 0
+
+
+def test_flag_off_holds_closed_even_against_a_manual_open() -> None:
+    env = Env(enable_circuit_breaker=False)
+    env.registry.force_open(MODEL)
+    assert env.breaker.state is State.CLOSED
+    assert env.registry.acquire(MODEL) is NOOP_PERMIT
+    assert env.gauge("CLOSED") == 0
+
+
+def test_forced_open_survives_nothing_but_a_close_and_the_flag() -> None:
+    env = Env()
+    env.registry.force_open(MODEL)
+    assert env.breaker.snapshot()["mode"] == "forced_open"
+    env.flags.set({"enable_circuit_breaker": False})
+    assert env.breaker.state is State.CLOSED
+    env.flags.set({"enable_circuit_breaker": True})
+    assert env.breaker.snapshot()["mode"] == "closed"

@@ -14,7 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from rom_agent.providers.base import ErrorKind, ProviderError
+from rom_agent.domain.errors import (
+    ErrorKind,
+    ProviderError,
+)
 from rom_agent.providers.bedrock import BedrockProvider
 from rom_agent.providers.openai import OpenAIProvider
 from rom_agent.resilience.errors import (

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from rom_agent.providers.base import ErrorKind, ModelRef, ProviderError
+from rom_agent.domain.errors import (
+    ErrorKind,
+    ProviderError,
+)
+from rom_agent.domain.messages import ModelRef
 from rom_agent.resilience.errors import (
     CircuitOpenError,
     ContextLengthExceededError,

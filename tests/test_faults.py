@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from rom_agent.providers.base import ErrorKind, StopEvent, TextDelta
+from rom_agent.domain.errors import ErrorKind
+from rom_agent.domain.messages import (
+    StopEvent,
+    TextDelta,
+)
 from rom_agent.resilience.errors import RequestRejectedError, StreamInterruptedError
 from rom_agent.resilience.faults import FaultPlan, parse_fault_header, parse_fault_plan
 from rom_agent.resilience.pipeline import StreamStart

@@ -16,9 +16,8 @@ from rom_agent.agent.guardrails import GuardrailReport, Mode, RunGuard
 from rom_agent.agent.loop import AgentLoop, AgentResult, ModelTurn
 from rom_agent.agent.tools import ToolRegistry, register_calculator
 from rom_agent.config import load_settings
-from rom_agent.flags import FlagStore
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import (
+from rom_agent.domain.events import Events
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     Message,
@@ -26,6 +25,8 @@ from rom_agent.providers.base import (
     ToolSpec,
     ToolUseBlock,
 )
+from rom_agent.flags import FlagStore
+from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
 from rom_agent.providers.simulator import SimulatorProvider
 
 MODEL = "rom-sim-1"
@@ -80,7 +81,8 @@ class Counted:
 async def run(
     flags: FlagStore, text: str, metrics: Metrics | None = None, tools: Counted | None = None
 ) -> AgentResult[Turn]:
-    loop = AgentLoop((tools or Counted()).registry, flags, metrics)
+    events = Events(metrics) if metrics is not None else None
+    loop = AgentLoop((tools or Counted()).registry, flags, events)
     return await loop.run([Message.text("user", text)], sim_turn(SimulatorProvider()))
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rom_agent.providers.base import ChatRequest, Message
+from rom_agent.domain.messages import (
+    ChatRequest,
+    Message,
+)
 from rom_agent.providers.simulator import SimulatorProvider
 from tests.server import isolated_settings, running_app
 from tests.stream_harness import post_stream

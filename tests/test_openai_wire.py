@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     Message,

@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
-from rom_agent.providers.base import Message, ToolSpec
+from rom_agent.domain.messages import (
+    Message,
+    ToolSpec,
+)
 from rom_agent.resilience.errors import (
     CircuitOpenError,
     DeadlineExceededError,

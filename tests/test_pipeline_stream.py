@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     StopEvent,
     TextDelta,
     ToolUseBlock,

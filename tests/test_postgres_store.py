@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
+from rom_agent.domain.messages import Message
 from rom_agent.flags import SET, AuditEntry, FlagStore, load_persisted_overrides
-from rom_agent.providers.base import Message
 from rom_agent.store.backend import StoreBackend
 from rom_agent.store.flag_overrides import PostgresFlagOverrides
 from rom_agent.store.migrations import LATEST, MIGRATIONS, applied_versions, migrate

@@ -14,11 +14,13 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials, RefreshableCredentials
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
 
-from rom_agent.providers.base import (
-    ChatRequest,
+from rom_agent.domain.errors import (
     ErrorKind,
-    Message,
     ProviderError,
+)
+from rom_agent.domain.messages import (
+    ChatRequest,
+    Message,
     StopEvent,
     TextBlock,
     TextDelta,

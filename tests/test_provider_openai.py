@@ -12,11 +12,13 @@ import aiohttp
 import orjson
 import pytest
 
-from rom_agent.providers.base import (
-    ChatRequest,
+from rom_agent.domain.errors import (
     ErrorKind,
-    Message,
     ProviderError,
+)
+from rom_agent.domain.messages import (
+    ChatRequest,
+    Message,
     StopEvent,
     TextBlock,
     TextDelta,

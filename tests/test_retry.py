@@ -7,8 +7,12 @@ from typing import Any
 
 import pytest
 
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ErrorKind, ProviderError
+from rom_agent.domain.errors import (
+    ErrorKind,
+    ProviderError,
+)
+from rom_agent.domain.events import Events
+from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
 from rom_agent.resilience.clock import FakeClock
 from rom_agent.resilience.faults import FaultPlan
 from rom_agent.resilience.retry import (
@@ -35,7 +39,8 @@ class Env:
         self.clock = FakeClock(seed=seed)
         self.flags = make_flags(**overrides)
         self.metrics = Metrics(lambda: self.flags.current.enable_metrics, [MODEL])
-        self.retry = Retry(self.flags, self.clock, self.metrics)
+        self.events = Events(self.metrics)
+        self.retry = Retry(self.flags, self.clock, self.events)
 
     def delay(
         self, error: ProviderError, retries_made: int = 0, deadline: float = FAR

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     Message,

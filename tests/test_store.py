@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from rom_agent.providers.base import Message, TextBlock, ToolResultBlock, ToolUseBlock
+from rom_agent.domain.messages import (
+    Message,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+)
 from rom_agent.store.conversations import SCHEMA, ConversationStore, trim_history
 from rom_agent.store.database import Database, DatabaseClosedError
 

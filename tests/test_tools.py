@@ -19,7 +19,11 @@ from rom_agent.agent.tools import (
     calculate,
     default_registry,
 )
-from rom_agent.providers.base import ToolResultBlock, ToolSpec, ToolUseBlock
+from rom_agent.domain.messages import (
+    ToolResultBlock,
+    ToolSpec,
+    ToolUseBlock,
+)
 
 KB_DATA = Path(__file__).parent / "data" / "kb"
 FIXED_NOW = datetime(2025, 1, 15, 15, 30, tzinfo=UTC)  # a Wednesday

@@ -17,6 +17,8 @@ from rom_agent.agent.chat import ChatService
 from rom_agent.agent.loop import AgentLoop
 from rom_agent.agent.tools import ToolRegistry, default_registry
 from rom_agent.config import ConfigError, Settings
+from rom_agent.domain.events import Events
+from rom_agent.domain.messages import ModelRef
 from rom_agent.flags import FlagStore, load_persisted_overrides
 from rom_agent.fleet.coordinator import Fleet
 from rom_agent.http import admin
@@ -24,9 +26,9 @@ from rom_agent.http.errors import ErrorMapperMiddleware
 from rom_agent.http.middleware import RequestContextMiddleware
 from rom_agent.http.routes import ROUTES, TableRouter
 from rom_agent.instrumentation import runtime
+from rom_agent.instrumentation.prometheus import PrometheusMetrics
 from rom_agent.logs import get_logger
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ModelRef, Provider
+from rom_agent.providers.base import Provider
 from rom_agent.providers.bedrock import BedrockProvider
 from rom_agent.providers.openai import OpenAIProvider
 from rom_agent.providers.simulator import SimBehaviour, SimulatorProvider
@@ -82,22 +84,25 @@ def create_services(
     clock = clock or SystemClock()
     flags = FlagStore(settings, env_keys=env_keys())
     chain = tuple(ModelRef.parse(entry) for entry in settings.model_chain)
-    metrics = Metrics(lambda: flags.current.enable_metrics, [ref.id for ref in chain])
+    metrics = PrometheusMetrics(lambda: flags.current.enable_metrics, [ref.id for ref in chain])
+    events = Events()
+    metrics.listen(events, flags)
     if providers is None:
         providers = build_providers(settings, chain)
-    breakers = BreakerRegistry(flags, clock, metrics)
-    bottleneck = Bottleneck(flags, clock, metrics)
+    breakers = BreakerRegistry(flags, clock, events)
+    bottleneck = Bottleneck(flags, clock, events)
     metrics.breaker_source = breakers
     metrics.admission_source = bottleneck
     fleet = Fleet(settings, flags, bottleneck, metrics, clock)
-    pipeline = Pipeline(flags, providers, breakers, metrics, clock)
+    pipeline = Pipeline(flags, providers, breakers, events, clock)
     tools = tools if tools is not None else default_registry(settings.kb_dir)
-    agent = AgentLoop(tools, flags, metrics, clock)
+    agent = AgentLoop(tools, flags, events, clock)
     store = StoreBackend(settings.database_url)
     conversations = store.conversations
     services = Services(
         settings=settings,
         flags=flags,
+        events=events,
         metrics=metrics,
         clock=clock,
         store=store,
@@ -166,7 +171,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
             await services.store.close()
             log.info("stopped")
 
-    middleware = [Middleware(RequestContextMiddleware, metrics=services.metrics)]
+    middleware = [Middleware(RequestContextMiddleware, events=services.events)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

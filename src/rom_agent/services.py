@@ -16,11 +16,13 @@ from rom_agent import __version__
 from rom_agent.agent.chat import ChatService
 from rom_agent.agent.tools import ToolRegistry
 from rom_agent.config import Settings
+from rom_agent.domain.events import Events
+from rom_agent.domain.messages import ModelRef
 from rom_agent.flags import FlagStore
 from rom_agent.fleet.coordinator import Fleet
+from rom_agent.instrumentation.prometheus import PrometheusMetrics
 from rom_agent.instrumentation.runtime import EventLoopLag
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ModelRef, Provider
+from rom_agent.providers.base import Provider
 from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.clock import Clock, SystemClock
@@ -46,7 +48,8 @@ def parse_api_keys(entries: tuple[str, ...]) -> tuple[bytes, ...]:
 class Services:
     settings: Settings  # as started; live values are in `flags.current`
     flags: FlagStore
-    metrics: Metrics
+    events: Events  # what the core reports to; `metrics` is one listener
+    metrics: PrometheusMetrics
     clock: Clock
     store: StoreBackend
     conversations: Conversations

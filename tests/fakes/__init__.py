@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 import orjson
 from aiohttp import web
 
-from rom_agent.providers.base import ProviderError, StreamEvent
+from rom_agent.domain.errors import ProviderError
+from rom_agent.domain.messages import StreamEvent
 
 LOOPBACK = "127.0.0.1"
 TEST_REGION = "us-east-1"

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rom_agent.agent.loop import AgentLoop, AgentResult
-from rom_agent.flags import FlagStore
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ChatResponse,
     ContentBlock,
     Message,
@@ -31,6 +30,7 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
+from rom_agent.flags import FlagStore
 from rom_agent.resilience.clock import Clock
 from rom_agent.resilience.errors import DeadlineExceededError
 from rom_agent.resilience.faults import FaultPlan

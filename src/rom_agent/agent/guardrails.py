@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from rom_agent.config import Settings
+from rom_agent.domain.events import Events, GuardrailTriggered
+from rom_agent.domain.messages import ToolUseBlock
 from rom_agent.logs import get_logger
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ToolUseBlock
 
 Mode = Literal["off", "dry-run", "soft", "full"]
 StopReason = Literal["hard_limit", "repetition"]
@@ -71,13 +71,13 @@ class RunGuard:
         soft_limit: int,
         hard_limit: int,
         repetition_limit: int,
-        metrics: Metrics | None = None,
+        events: Events | None = None,
     ) -> None:
         self.mode = mode
         self._soft = soft_limit
         self._hard = hard_limit
         self._repetition = repetition_limit
-        self._metrics = metrics
+        self._events = events
         self._calls = 0
         self._warning = False
         self._reason: StopReason | None = None  # the first stop (or would-be stop)
@@ -85,13 +85,13 @@ class RunGuard:
         self._streak = 0
 
     @classmethod
-    def start(cls, settings: Settings, metrics: Metrics | None = None) -> RunGuard:
+    def start(cls, settings: Settings, events: Events | None = None) -> RunGuard:
         return cls(
             cast(Mode, settings.effective_guardrail_mode),
             soft_limit=settings.guardrail_soft_limit,
             hard_limit=settings.guardrail_hard_limit,
             repetition_limit=settings.guardrail_repetition_limit,
-            metrics=metrics,
+            events=events,
         )
 
     @property
@@ -149,8 +149,8 @@ class RunGuard:
             self._trigger(REPETITION, call)
 
     def _trigger(self, reason: str, call: ToolUseBlock) -> None:
-        if self._metrics is not None:
-            self._metrics.guardrail_triggered(reason)
+        if self._events is not None:
+            self._events.emit(GuardrailTriggered, reason)
         _log.warning(
             "guardrail_triggered",
             reason=reason,

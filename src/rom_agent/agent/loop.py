@@ -21,10 +21,8 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from rom_agent.agent.guardrails import GuardrailReport, RunGuard
 from rom_agent.agent.tools import ToolRegistry
-from rom_agent.flags import FlagStore
-from rom_agent.logs import get_logger
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import (
+from rom_agent.domain.events import Events
+from rom_agent.domain.messages import (
     ChatResponse,
     Message,
     TextBlock,
@@ -33,6 +31,8 @@ from rom_agent.providers.base import (
     ToolUseBlock,
     Usage,
 )
+from rom_agent.flags import FlagStore
+from rom_agent.logs import get_logger
 from rom_agent.resilience.clock import Clock, SystemClock
 
 StopReason = Literal["answered", "hard_limit", "repetition", "max_turns"]
@@ -96,19 +96,19 @@ class AgentLoop:
         self,
         tools: ToolRegistry,
         flags: FlagStore,
-        metrics: Metrics | None = None,
+        events: Events | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._tools = tools
         self._flags = flags
-        self._metrics = metrics
+        self._events = events
         self._clock = clock or SystemClock()
 
     async def run(self, history: Sequence[Message], call_model: ModelTurn[T]) -> AgentResult[T]:
         """Answer the user's message that ends `history`, using tools as the model asks."""
         # One settings snapshot per run: a flag change applies from the next run on.
         settings = self._flags.current
-        guard = RunGuard.start(settings, self._metrics)
+        guard = RunGuard.start(settings, self._events)
         max_turns = settings.max_agent_turns
         specs = self._tools.specs()
 

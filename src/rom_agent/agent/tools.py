@@ -33,8 +33,12 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rom_agent.agent.kb import KnowledgeBase
+from rom_agent.domain.messages import (
+    ToolResultBlock,
+    ToolSpec,
+    ToolUseBlock,
+)
 from rom_agent.logs import get_logger
-from rom_agent.providers.base import ToolResultBlock, ToolSpec, ToolUseBlock
 
 DEFAULT_TOOL_TIMEOUT_S = 10.0
 _MAX_RESULT_CHARS = 12_000  # a tool result is context the model pays for on every later turn

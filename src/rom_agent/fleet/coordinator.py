@@ -27,7 +27,7 @@ from rom_agent.resilience.clock import Clock, SystemClock
 if TYPE_CHECKING:
     from rom_agent.config import Settings
     from rom_agent.flags import FlagStore
-    from rom_agent.metrics import Metrics
+    from rom_agent.instrumentation.prometheus import PrometheusMetrics
     from rom_agent.resilience.bottleneck import Bottleneck
     from rom_agent.store.backend import StoreBackend
 
@@ -44,7 +44,7 @@ class Fleet:
         settings: Settings,
         flags: FlagStore,
         bottleneck: Bottleneck,
-        metrics: Metrics | None = None,
+        metrics: PrometheusMetrics | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.replica_id = settings.replica_id or default_replica_id()

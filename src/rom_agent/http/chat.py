@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rom_agent.agent.chat import ChatTurn
+from rom_agent.domain.messages import ModelRef
 from rom_agent.http.admission import admit
 from rom_agent.http.errors import ApiError, invalid, to_api_error
 from rom_agent.http.requests import check_api_key, json_response, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
 from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
-from rom_agent.providers.base import ModelRef
 from rom_agent.resilience.bottleneck import Permit
 from rom_agent.resilience.faults import parse_fault_plan
 

@@ -13,8 +13,8 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rom_agent.domain.events import Events, HttpRequestServed
 from rom_agent.logs import get_logger
-from rom_agent.metrics import Metrics
 
 _INCOMING_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _HEADER = b"x-request-id"
@@ -27,9 +27,9 @@ def new_request_id() -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, events: Events) -> None:
         self.app = app
-        self.metrics = metrics
+        self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,7 +61,7 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             path = route.path if route is not None else "unmatched"
-            self.metrics.http_request(path, status, elapsed)
+            self.events.emit(HttpRequestServed, path, status, elapsed)
             log.info(
                 "request",
                 method=scope["method"],

@@ -18,14 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
 
-from rom_agent.domain.options import NO_OPTIONS, GenerationOptions
-from rom_agent.http.admission import admit
-from rom_agent.http.errors import ApiError, invalid, openai_error_payload, to_api_error
-from rom_agent.http.requests import check_api_key, parse_json_object, read_body
-from rom_agent.http.services import Services, services_of
-from rom_agent.http.streaming import PermitStream
-from rom_agent.logs import get_logger
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ChatResponse,
     Message,
     ModelRef,
@@ -34,8 +27,15 @@ from rom_agent.providers.base import (
     ToolSpec,
     ToolUseEvent,
     UsageEvent,
-    unsupported_options,
 )
+from rom_agent.domain.options import NO_OPTIONS, GenerationOptions
+from rom_agent.http.admission import admit
+from rom_agent.http.errors import ApiError, invalid, openai_error_payload, to_api_error
+from rom_agent.http.requests import check_api_key, parse_json_object, read_body
+from rom_agent.http.services import Services, services_of
+from rom_agent.http.streaming import PermitStream
+from rom_agent.logs import get_logger
+from rom_agent.providers.base import unsupported_options
 from rom_agent.providers.openai_wire import (
     ChunkWriter,
     UnsupportedParameter,

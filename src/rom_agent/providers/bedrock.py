@@ -22,16 +22,17 @@ from botocore.eventstream import EventStreamBuffer, EventStreamMessage, ParserEr
 from botocore.exceptions import BotoCoreError
 from yarl import URL
 
-from rom_agent.domain.options import GenerationOptions
-from rom_agent.providers.base import (
+from rom_agent.domain.errors import (
     CONTENT_FILTER,
     CONTEXT_LENGTH_EXCEEDED,
+    ErrorKind,
+    ProviderError,
+)
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     ContentBlock,
-    ErrorKind,
     Message,
-    ProviderError,
     StopEvent,
     StreamEvent,
     TextBlock,
@@ -40,6 +41,9 @@ from rom_agent.providers.base import (
     ToolUseEvent,
     Usage,
     UsageEvent,
+)
+from rom_agent.domain.options import GenerationOptions
+from rom_agent.providers.base import (
     classify_status,
     parse_retry_after,
 )

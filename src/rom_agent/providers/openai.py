@@ -14,19 +14,23 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from rom_agent.domain.options import GenerationOptions
-from rom_agent.providers.base import (
+from rom_agent.domain.errors import (
     CONTENT_FILTER,
     CONTEXT_LENGTH_EXCEEDED,
-    ChatRequest,
-    ChatResponse,
     ErrorKind,
     ProviderError,
+)
+from rom_agent.domain.messages import (
+    ChatRequest,
+    ChatResponse,
     StopEvent,
     StreamEvent,
     TextDelta,
     ToolUseEvent,
     UsageEvent,
+)
+from rom_agent.domain.options import GenerationOptions
+from rom_agent.providers.base import (
     classify_status,
     parse_retry_after,
 )
@@ -60,6 +64,7 @@ def empty_response() -> ProviderError:
     return ProviderError(
         ErrorKind.MODEL, "openai returned 200 with an empty body", error_type=EMPTY_RESPONSE
     )
+
 
 DONE_WITHOUT_FINISH = (
     "the upstream ended the stream ([DONE]) without a finish_reason: it stopped generating "

@@ -19,8 +19,7 @@ from typing import Any
 
 import orjson
 
-from rom_agent.domain.options import GenerationOptions, ResponseFormat, ToolChoice
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     ContentBlock,
@@ -34,6 +33,7 @@ from rom_agent.providers.base import (
     ToolUseEvent,
     Usage,
 )
+from rom_agent.domain.options import GenerationOptions, ResponseFormat, ToolChoice
 
 DONE = b"[DONE]"
 

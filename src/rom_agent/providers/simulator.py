@@ -27,13 +27,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass
 from typing import Any
 
-from rom_agent.providers.base import (
+from rom_agent.domain.errors import (
+    ErrorKind,
+    ProviderError,
+)
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
     ContentBlock,
-    ErrorKind,
     Message,
-    ProviderError,
     StopEvent,
     StreamEvent,
     TextBlock,

@@ -18,11 +18,13 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from rom_agent.providers.base import (
-    ChatRequest,
-    ChatResponse,
+from rom_agent.domain.errors import (
     ErrorKind,
     ProviderError,
+)
+from rom_agent.domain.messages import (
+    ChatRequest,
+    ChatResponse,
     StreamEvent,
 )
 

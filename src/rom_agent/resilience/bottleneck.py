@@ -42,12 +42,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from rom_agent.domain.events import AdmissionDenied, AdmissionGranted
+
 if TYPE_CHECKING:
     from types import TracebackType
 
     from rom_agent.config import Settings
+    from rom_agent.domain.events import Events
     from rom_agent.flags import FlagStore
-    from rom_agent.metrics import Metrics
     from rom_agent.resilience.clock import Clock
 
 RejectReason = Literal["queue_full", "queue_timeout", "draining"]
@@ -173,20 +175,20 @@ class Bottleneck:
     limit and the queue cap — never the whole budget per replica, never unlimited.
 
     Construction subscribes to `flags`, so limit and enable-flag changes take effect at once.
-    `running` and `queued` satisfy `metrics.AdmissionGauges`.
+    `running` and `queued` satisfy `instrumentation.prometheus.AdmissionGauges`.
     """
 
     def __init__(
         self,
         flags: FlagStore,
         clock: Clock,
-        metrics: Metrics | None = None,
+        events: Events | None = None,
         *,
         limit: Limit | None = None,
     ) -> None:
         self._flags = flags
         self._clock = clock
-        self._metrics = metrics
+        self._events = events
         self._limit: Limit = limit if limit is not None else FixedLimit(flags)
         self._running = 0
         # A waiter whose task was just cancelled stays here until that task runs its cleanup
@@ -195,7 +197,7 @@ class Bottleneck:
         self._draining = False
         self._idle_waiters: set[asyncio.Future[None]] = set()
         self._service_ewma_s: float | None = None
-        # Totals for the admin route; Prometheus counters live in `Metrics`.
+        # Totals for the admin route; Prometheus counters live in `PrometheusMetrics`.
         self._admitted = 0
         self._queued_ever = 0
         self._completed = 0
@@ -249,8 +251,8 @@ class Bottleneck:
     ) -> AdmissionRejected:
         """Count a fleet-wide rejection; its Retry-After uses the fleet's numbers."""
         self._rejected[reason] += 1
-        if self._metrics is not None:
-            self._metrics.admission_rejected(reason)
+        if self._events is not None:
+            self._events.emit(AdmissionDenied, reason)
         return AdmissionRejected(reason, message, self._retry_after(queued, limit))
 
     def notify_idle(self) -> None:
@@ -369,15 +371,15 @@ class Bottleneck:
     def _admit(self, now: float, *, waited_s: float, queued: bool) -> Permit:
         self._running += 1
         self._admitted += 1
-        if self._metrics is not None:
-            self._metrics.admission_admitted(waited_s, queued)
+        if self._events is not None:
+            self._events.emit(AdmissionGranted, waited_s, queued)
         return Permit(self, now, waited_s)
 
     def _reject(self, reason: RejectReason, settings: Settings) -> AdmissionRejected:
         """Count a rejection and build its exception (the caller raises it)."""
         self._rejected[reason] += 1
-        if self._metrics is not None:
-            self._metrics.admission_rejected(reason)
+        if self._events is not None:
+            self._events.emit(AdmissionDenied, reason)
         if reason == "queue_full":
             # SPEC §3 wording; equal to (MAX_QUEUE/MAX_QUEUE) unless the cap was just lowered.
             message = (

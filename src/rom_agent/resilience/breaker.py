@@ -1,20 +1,23 @@
-"""Circuit breaker per model (SPEC §4): a consecutive-failure count breaker with leased probes.
+"""Circuit breaker per model (SPEC §4): a consecutive-failure count breaker with leased probes,
+its states as objects (resilience4j's model).
 
     CLOSED ──(THRESHOLD consecutive counted failures)──▶ OPEN
-    OPEN ──(COOLDOWN_S passed; evaluated on every read)──▶ HALF_OPEN
+    OPEN ──(COOLDOWN_S passed; evaluated by the breaker's own reads)──▶ HALF_OPEN
     HALF_OPEN ──(probe success)──▶ CLOSED        HALF_OPEN ──(probe failure)──▶ OPEN
+    any ──(flag off)──▶ DISABLED (reported CLOSED)   DISABLED ──(flag on)──▶ CLOSED
+    any ──(admin open)──▶ FORCED_OPEN (reported OPEN) ──(admin close / reset)──▶ CLOSED
 
 Design points, each fixing a defect class of the Node original or of common libraries:
 
-* No timer tasks. OPEN → HALF_OPEN happens lazily whenever the state is read — by a call, by
-  `/admin/breakers`, or by the Prometheus collector calling `states()` at scrape time — so the
-  transition is visible without traffic and is counted once, whoever observes it first.
-* Every call holds a `Permit` and reports exactly one outcome: success, failure or ignored.
-  Ignored outcomes (client cancellation, MODEL/REQUEST errors, our own deadline) release the
-  permit without touching the count.
-* Every transition bumps a generation. A permit remembers the generation it was issued in and
-  its result is applied only if the breaker is still in that generation, so a late success from
-  before a reopen can never close the breaker.
+* No timer tasks. OPEN → HALF_OPEN happens when the breaker itself is read (a call, the admin
+  routes, readiness). The Prometheus scrape only *observes* (`observed_states()`): it shows
+  HALF_OPEN once the cooldown has passed but performs no transition.
+* Every call holds a `BreakerPermit` and reports exactly one outcome: success, failure or
+  ignored. Ignored outcomes (client cancellation, MODEL/REQUEST errors, our own deadline)
+  release the permit without touching the count.
+* Every change of state object bumps a generation — switching the flag off or a manual close
+  of an already-CLOSED breaker included. A permit's result is applied only in the generation it
+  was issued in, so a late result from before a flip or a reopen never decides anything.
 * HALF_OPEN probes are leases. A lease older than ATTEMPT_TIMEOUT_S frees its slot (checked
   lazily on acquire), so a hung probe cannot wedge the breaker in HALF_OPEN.
 * All state changes are synchronous between awaits on one event loop: no lock, nothing held
@@ -30,10 +33,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rom_agent.config import Settings
+from rom_agent.domain.events import BreakerCallRecorded, BreakerTransitioned, Events
+from rom_agent.domain.messages import ModelRef
 from rom_agent.flags import FlagStore
 from rom_agent.logs import get_logger
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ModelRef
 from rom_agent.resilience.clock import Clock
 
 log = get_logger(__name__)
@@ -44,6 +47,8 @@ _HALF_OPEN_RETRY_AFTER_S = 1.0
 
 
 class State(enum.StrEnum):
+    """The states the outside world sees (SPEC §4, the `circuit_breaker_state` gauge)."""
+
     CLOSED = "CLOSED"
     HALF_OPEN = "HALF_OPEN"
     OPEN = "OPEN"
@@ -59,20 +64,20 @@ class BreakerOpen(Exception):
         self.retry_after_s = retry_after_s
 
 
-class _Outcome(enum.Enum):
+class _Outcome(enum.StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
     IGNORED = "ignored"
 
 
-class Permit:
-    """Admission of one call. Report exactly one outcome; later reports are no-ops, so a
-    `finally: permit.record_ignored()` safety net is always correct."""
+class BreakerPermit:
+    """Admission of one call by a breaker. Report exactly one outcome; later reports are
+    no-ops, so a `finally: permit.record_ignored()` safety net is always correct."""
 
     __slots__ = ("_breaker", "_generation", "_probe", "_settled")
 
-    def __init__(self, breaker: CircuitBreaker, generation: int, probe: int) -> None:
-        self._breaker = breaker
+    def __init__(self, breaker: CircuitBreaker | None, generation: int, probe: int) -> None:
+        self._breaker = breaker  # None: the breaker is disabled, nothing is recorded
         self._generation = generation
         self._probe = probe  # lease id in HALF_OPEN, 0 otherwise
         self._settled = False
@@ -87,28 +92,144 @@ class Permit:
         self._settle(_Outcome.IGNORED)
 
     def _settle(self, outcome: _Outcome) -> None:
-        if not self._settled:
+        if not self._settled and self._breaker is not None:
             self._settled = True
             self._breaker._on_result(self._generation, self._probe, outcome)
 
 
-class _NoopPermit:
-    """What callers get with ENABLE_CIRCUIT_BREAKER off: nothing is consulted or updated."""
+# What a disabled breaker hands out: nothing is consulted or updated.
+NOOP_PERMIT = BreakerPermit(None, 0, 0)
+
+
+# --------------------------------------------------------------------------- states
+
+
+class _BreakerState:
+    """One state of one breaker. `reported` is what the gauge and the admin route show."""
 
     __slots__ = ()
+    reported = State.CLOSED
+    mode = "closed"
+    timed = False  # has time-driven transitions (`due`): only those are refreshed on reads
 
-    def record_success(self) -> None:
-        pass
+    def observe(self, breaker: CircuitBreaker, now: float, settings: Settings) -> State:
+        """The state as of `now`, without changing anything."""
+        return self.reported
 
-    def record_failure(self) -> None:
-        pass
+    def due(self, breaker: CircuitBreaker, now: float, settings: Settings) -> _BreakerState | None:
+        """The state this one must turn into as of `now`, if any (time-driven transitions)."""
+        return None
 
-    def record_ignored(self) -> None:
-        pass
+    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
+        raise breaker._reject(self.reported, self.retry_after_s(breaker, now, settings))
+
+    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
+        return 0.0
+
+    def on_result(self, breaker: CircuitBreaker, outcome: _Outcome, settings: Settings) -> None:
+        """A counted outcome of a call admitted in this state (same generation)."""
 
 
-NOOP_PERMIT = _NoopPermit()
-AnyPermit = Permit | _NoopPermit
+class _Closed(_BreakerState):
+    __slots__ = ("failures",)
+    reported = State.CLOSED
+    mode = "closed"
+
+    def __init__(self) -> None:
+        self.failures = 0  # consecutive counted failures
+
+    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
+        return BreakerPermit(breaker, breaker._generation, 0)
+
+    def on_result(self, breaker: CircuitBreaker, outcome: _Outcome, settings: Settings) -> None:
+        if outcome is _Outcome.SUCCESS:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= settings.circuit_breaker_threshold:
+            breaker._become(_Open(breaker.now()), f"{self.failures} consecutive failures")
+
+
+class _Open(_BreakerState):
+    __slots__ = ("opened_at",)
+    reported = State.OPEN
+    mode = "open"
+    timed = True
+
+    def __init__(self, opened_at: float) -> None:
+        self.opened_at = opened_at
+
+    def _cooled(self, now: float, settings: Settings) -> bool:
+        return now >= self.opened_at + settings.circuit_breaker_cooldown_s
+
+    def observe(self, breaker: CircuitBreaker, now: float, settings: Settings) -> State:
+        return State.HALF_OPEN if self._cooled(now, settings) else State.OPEN
+
+    def due(self, breaker: CircuitBreaker, now: float, settings: Settings) -> _BreakerState | None:
+        return _HalfOpen() if self._cooled(now, settings) else None
+
+    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
+        return max(0.0, self.opened_at + settings.circuit_breaker_cooldown_s - now)
+
+
+class _HalfOpen(_BreakerState):
+    __slots__ = ("probes", "seq")
+    reported = State.HALF_OPEN
+    mode = "half_open"
+
+    def __init__(self) -> None:
+        self.probes: dict[int, float] = {}  # leases: id -> issued at
+        self.seq = 0
+
+    def has_slot(self, now: float, settings: Settings) -> bool:
+        if self.probes:
+            # A probe that has not reported within a whole attempt timeout is hung: free it.
+            oldest_allowed = now - settings.attempt_timeout_s
+            for probe, issued_at in list(self.probes.items()):
+                if issued_at <= oldest_allowed:
+                    del self.probes[probe]
+        return len(self.probes) < settings.circuit_breaker_half_open_max_calls
+
+    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
+        if not self.has_slot(now, settings):
+            raise breaker._reject(State.HALF_OPEN, _HALF_OPEN_RETRY_AFTER_S)
+        self.seq += 1
+        self.probes[self.seq] = now
+        return BreakerPermit(breaker, breaker._generation, self.seq)
+
+    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
+        return 0.0 if self.has_slot(now, settings) else _HALF_OPEN_RETRY_AFTER_S
+
+    def on_result(self, breaker: CircuitBreaker, outcome: _Outcome, settings: Settings) -> None:
+        if outcome is _Outcome.SUCCESS:
+            breaker._become(_Closed(), "probe succeeded")
+        else:
+            breaker._become(_Open(breaker.now()), "probe failed")
+
+
+class _ForcedOpen(_BreakerState):
+    """Manual OPEN: no cooldown, no probes, held until closed or reset."""
+
+    __slots__ = ()
+    reported = State.OPEN
+    mode = "forced_open"
+
+    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
+        return settings.circuit_breaker_cooldown_s
+
+
+class _Disabled(_BreakerState):
+    """ENABLE_CIRCUIT_BREAKER off: admits everything, records nothing, reports CLOSED."""
+
+    __slots__ = ()
+    reported = State.CLOSED
+    mode = "disabled"
+
+    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
+        return NOOP_PERMIT
+
+
+# --------------------------------------------------------------------------- breaker
 
 
 @dataclass(slots=True)
@@ -123,28 +244,31 @@ class _Totals:
 class CircuitBreaker:
     """The breaker of one model. Create through `BreakerRegistry`."""
 
-    def __init__(self, model: str, flags: FlagStore, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, model: str, flags: FlagStore, clock: Clock, events: Events) -> None:
         self.model = model
         self._flags = flags
         self._clock = clock
-        self._metrics = metrics
-        self._state = State.CLOSED
+        self._events = events
+        enabled = flags.current.enable_circuit_breaker
+        self._state: _BreakerState = _Closed() if enabled else _Disabled()
         self._generation = 0
-        self._failures = 0  # consecutive counted failures while CLOSED
-        self._opened_at = 0.0
-        self._forced = False  # manual OPEN: held until closed or reset, no cooldown
-        self._probes: dict[int, float] = {}  # HALF_OPEN leases: id -> issued at
-        self._probe_seq = 0
         self._changed_at = clock.now()
-        self._why = ""  # why the last transition happened (shown by the console)
+        self._why = ""  # why the last change happened (shown by the console)
         self._totals = _Totals()
+
+    def now(self) -> float:
+        return self._clock.now()
 
     # ------------------------------------------------------------------ reads
 
     @property
     def state(self) -> State:
         """The state now (performs a due OPEN → HALF_OPEN transition)."""
-        return self._refresh(self._clock.now(), self._flags.current)
+        return self._refresh(self._clock.now(), self._flags.current).reported
+
+    def observed_state(self) -> State:
+        """The state now, without performing any transition (for scrapes)."""
+        return self._state.observe(self, self._clock.now(), self._flags.current)
 
     @property
     def generation(self) -> int:
@@ -154,14 +278,7 @@ class CircuitBreaker:
         """Seconds until this breaker admits a call again (0 when it would admit one now)."""
         now = self._clock.now()
         settings = self._flags.current
-        state = self._refresh(now, settings)
-        if state is State.OPEN:
-            if self._forced:
-                return settings.circuit_breaker_cooldown_s
-            return max(0.0, self._opened_at + settings.circuit_breaker_cooldown_s - now)
-        if state is State.HALF_OPEN and not self._has_probe_slot(now, settings):
-            return _HALF_OPEN_RETRY_AFTER_S
-        return 0.0
+        return self._refresh(now, settings).retry_after_s(self, now, settings)
 
     def snapshot(self) -> dict[str, Any]:
         now = self._clock.now()
@@ -169,134 +286,126 @@ class CircuitBreaker:
         state = self._refresh(now, settings)
         return {
             "model": self.model,
-            "state": state.value,
-            "forced": self._forced,
-            "consecutiveFailures": self._failures,
+            "state": state.reported.value,
+            "mode": state.mode,
+            "forced": isinstance(state, _ForcedOpen),
+            "consecutiveFailures": state.failures if isinstance(state, _Closed) else 0,
             "threshold": settings.circuit_breaker_threshold,
             "generation": self._generation,
             "sinceChangeS": round(now - self._changed_at, 3),
             "why": self._why,
-            "retryAfterS": round(self.retry_after_s(), 3),
-            "halfOpenInFlight": len(self._probes),
+            "retryAfterS": round(state.retry_after_s(self, now, settings), 3),
+            "halfOpenInFlight": len(state.probes) if isinstance(state, _HalfOpen) else 0,
             "totals": asdict(self._totals),
         }
 
     # ------------------------------------------------------------------ admission
 
-    def acquire(self) -> Permit:
+    def acquire(self) -> BreakerPermit:
         """Admit one call or raise `BreakerOpen` (counted as rejected)."""
         now = self._clock.now()
         settings = self._flags.current
-        state = self._refresh(now, settings)
-        if state is State.CLOSED:
-            return Permit(self, self._generation, 0)
-        if state is State.HALF_OPEN and self._has_probe_slot(now, settings):
-            self._probe_seq += 1
-            self._probes[self._probe_seq] = now
-            return Permit(self, self._generation, self._probe_seq)
-        self._totals.rejected += 1
-        self._metrics.breaker_outcome(self.model, "rejected")
-        raise BreakerOpen(self.model, state, self.retry_after_s())
+        return self._refresh(now, settings).admit(self, now, settings)
 
-    def _has_probe_slot(self, now: float, settings: Settings) -> bool:
-        if self._probes:
-            # A probe that has not reported within a whole attempt timeout is hung: free it.
-            oldest_allowed = now - settings.attempt_timeout_s
-            for probe, issued_at in list(self._probes.items()):
-                if issued_at <= oldest_allowed:
-                    del self._probes[probe]
-        return len(self._probes) < settings.circuit_breaker_half_open_max_calls
+    def _reject(self, state: State, retry_after_s: float) -> BreakerOpen:
+        self._totals.rejected += 1
+        self._events.emit(BreakerCallRecorded, self.model, "rejected")
+        return BreakerOpen(self.model, state, retry_after_s)
 
     # ------------------------------------------------------------------ outcomes
 
     def _on_result(self, generation: int, probe: int, outcome: _Outcome) -> None:
-        if probe:
-            self._probes.pop(probe, None)
+        state = self._state
+        if probe and isinstance(state, _HalfOpen):
+            state.probes.pop(probe, None)
         if outcome is _Outcome.IGNORED:
             self._totals.ignored += 1
             return
         # The call happened whatever the state is now: it is always measured...
         if outcome is _Outcome.SUCCESS:
             self._totals.success += 1
-            self._metrics.breaker_outcome(self.model, "success")
         else:
             self._totals.failure += 1
-            self._metrics.breaker_outcome(self.model, "failure")
+        self._events.emit(BreakerCallRecorded, self.model, outcome)
         # ...but it decides only within the state (generation) it was admitted in.
-        if generation != self._generation:
-            return
-        if outcome is _Outcome.SUCCESS:
-            if self._state is State.HALF_OPEN:
-                self._transition(State.CLOSED, "probe succeeded")
-            self._failures = 0
-        elif self._state is State.HALF_OPEN:
-            self._trip("probe failed")
-        else:
-            self._failures += 1
-            if self._failures >= self._flags.current.circuit_breaker_threshold:
-                self._trip(f"{self._failures} consecutive failures")
+        if generation == self._generation:
+            state.on_result(self, outcome, self._flags.current)
 
-    # ------------------------------------------------------------------ manual control
+    # ------------------------------------------------------------------ switching
 
     def force_open(self) -> None:
-        """Hold OPEN (no cooldown, no probes) until `force_close()` or `reset()`."""
-        self._trip("forced open")
-        self._forced = True
+        """Hold OPEN (no cooldown, no probes) until `force_close()` or `reset()`. With the
+        flag off the breaker stays disabled (SPEC §4: the state stays CLOSED)."""
+        if isinstance(self._state, _Disabled):
+            log.warning("circuit breaker disabled: force open ignored", model=self.model)
+            return
+        self._become(_ForcedOpen(), "forced open")
 
     def force_close(self) -> None:
-        self._forced = False
-        self._transition(State.CLOSED, "forced closed")
+        self._become(self._idle(), "forced closed")
 
     def reset(self) -> None:
         """CLOSED with every counter (not the Prometheus ones) back to zero."""
         self.force_close()
         self._totals = _Totals()
 
+    def set_enabled(self, enabled: bool) -> None:
+        """The flag switches the state: off → DISABLED, on → CLOSED (from scratch)."""
+        if enabled != isinstance(self._state, _Disabled):
+            return
+        self._become(_Closed() if enabled else _Disabled(), "flag switched")
+
+    def _idle(self) -> _BreakerState:
+        return _Closed() if self._flags.current.enable_circuit_breaker else _Disabled()
+
     # ------------------------------------------------------------------ transitions
 
-    def _refresh(self, now: float, settings: Settings) -> State:
-        if (
-            self._state is State.OPEN
-            and not self._forced
-            and now >= self._opened_at + settings.circuit_breaker_cooldown_s
-        ):
-            self._transition(State.HALF_OPEN, "cooldown passed")
-        return self._state
+    def _refresh(self, now: float, settings: Settings) -> _BreakerState:
+        state = self._state
+        if state.timed:
+            following = state.due(self, now, settings)
+            if following is not None:
+                self._become(following, "cooldown passed")
+                return self._state
+        return state
 
-    def _trip(self, why: str) -> None:
-        self._transition(State.OPEN, why)
-        # A re-trip from OPEN (manual) restarts the cooldown too.
-        self._opened_at = self._clock.now()
-
-    def _transition(self, new: State, why: str) -> None:
+    def _become(self, new: _BreakerState, why: str) -> None:
         old = self._state
-        self._failures = 0
-        self._probes.clear()
-        self._forced = False
-        if old is new:
-            return
         self._state = new
+        # A new state object is a new generation, even CLOSED → CLOSED: results of calls
+        # admitted before never decide in it.
         self._generation += 1
         self._changed_at = self._clock.now()
         self._why = why
+        if old.reported is new.reported:
+            if old.mode != new.mode:
+                log.info("circuit breaker mode", model=self.model, old=old.mode, new=new.mode)
+            return
         self._totals.transitions += 1
-        self._metrics.breaker_transition(self.model, old.value, new.value)
-        emit = log.warning if new is State.OPEN else log.info
-        emit("circuit breaker transition", model=self.model, old=old.value, new=new.value, why=why)
+        self._events.emit(
+            BreakerTransitioned, self.model, old.reported.value, new.reported.value, why
+        )
+        emit = log.warning if new.reported is State.OPEN else log.info
+        emit(
+            "circuit breaker transition",
+            model=self.model,
+            old=old.reported.value,
+            new=new.reported.value,
+            why=why,
+        )
 
 
 class BreakerRegistry:
     """One breaker per model id, created lazily (the configured chain up front, so its state
-    series exist from startup). Implements `metrics.BreakerStates`."""
+    series exist from startup). Implements `instrumentation.prometheus.BreakerStates`."""
 
-    def __init__(self, flags: FlagStore, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, flags: FlagStore, clock: Clock, events: Events) -> None:
         self._flags = flags
         self._clock = clock
-        self._metrics = metrics
+        self._events = events
         self._breakers: dict[str, CircuitBreaker] = {}
         for qualified in flags.current.model_chain:
             self.get(ModelRef.parse(qualified).id)
-        self._enabled = flags.current.enable_circuit_breaker
         flags.subscribe(self._on_settings)
 
     @property
@@ -306,7 +415,7 @@ class BreakerRegistry:
     def get(self, model: str) -> CircuitBreaker:
         breaker = self._breakers.get(model)
         if breaker is None:
-            breaker = CircuitBreaker(model, self._flags, self._clock, self._metrics)
+            breaker = CircuitBreaker(model, self._flags, self._clock, self._events)
             self._breakers[model] = breaker
         return breaker
 
@@ -314,15 +423,19 @@ class BreakerRegistry:
         """Lookup without creating (admin routes must not mint label values)."""
         return self._breakers.get(model)
 
-    def acquire(self, model: str) -> AnyPermit:
-        """The hot-path entry: a real permit, `NOOP_PERMIT` with the flag off, or BreakerOpen."""
-        if not self._flags.current.enable_circuit_breaker:
-            return NOOP_PERMIT
+    def acquire(self, model: str) -> BreakerPermit:
+        """The hot-path entry: a permit (`NOOP_PERMIT` when disabled) or BreakerOpen."""
         return self.get(model).acquire()
 
     def states(self) -> Iterator[tuple[str, str]]:
+        """(model, state) for every breaker, performing due transitions."""
         for model, breaker in list(self._breakers.items()):
             yield model, breaker.state.value
+
+    def observed_states(self) -> Iterator[tuple[str, str]]:
+        """(model, state) for every breaker as of now, changing nothing (for scrapes)."""
+        for model, breaker in list(self._breakers.items()):
+            yield model, breaker.observed_state().value
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -340,9 +453,5 @@ class BreakerRegistry:
         self.get(model).reset()
 
     def _on_settings(self, settings: Settings) -> None:
-        # Switching the flag off makes breakers inert; switching it back on must not resurrect
-        # a stale OPEN from before, so turning it off closes them all.
-        if self._enabled and not settings.enable_circuit_breaker:
-            for breaker in self._breakers.values():
-                breaker.force_close()
-        self._enabled = settings.enable_circuit_breaker
+        for breaker in self._breakers.values():
+            breaker.set_enabled(settings.enable_circuit_breaker)

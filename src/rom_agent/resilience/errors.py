@@ -14,7 +14,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rom_agent.providers.base import CONTEXT_LENGTH_EXCEEDED, ErrorKind, ProviderError
+from rom_agent.domain.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ErrorKind,
+    ProviderError,
+)
 
 # --------------------------------------------------------------------------- reasons
 

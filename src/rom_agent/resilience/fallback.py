@@ -20,8 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ModelRef
+from rom_agent.domain.events import (
+    Events,
+    FallbackAttempted,
+    FallbackExhausted,
+    FallbackMoved,
+    FallbackSucceeded,
+)
+from rom_agent.domain.messages import ModelRef
 from rom_agent.resilience.errors import (
     CIRCUIT_OPEN,
     CONTEXT_LENGTH,
@@ -68,20 +74,20 @@ def _lookup(configured: Sequence[ModelRef], name: str) -> ModelRef:
 class ChainRun:
     """One request's walk down the chain: what was tried, and the fallback metrics."""
 
-    __slots__ = ("_metrics", "_open_retry_after", "attempts", "chain", "tried")
+    __slots__ = ("_events", "_open_retry_after", "attempts", "chain", "tried")
 
-    def __init__(self, chain: Sequence[ModelRef], metrics: Metrics) -> None:
+    def __init__(self, chain: Sequence[ModelRef], events: Events) -> None:
         if not chain:
             raise ValueError("empty model chain")
         self.chain = chain
-        self._metrics = metrics
+        self._events = events
         self.tried: list[AttemptFailure] = []
         self.attempts = 0  # provider calls made, retries included
         self._open_retry_after: float | None = None
 
     def calling(self, index: int) -> None:
         """The first call to `chain[index]` is about to be made."""
-        self._metrics.fallback_attempted(self.chain[index].id)
+        self._events.emit(FallbackAttempted, self.chain[index].id)
 
     def rejected(self, index: int, failure: AttemptFailure, retry_after_s: float) -> None:
         """`chain[index]`'s breaker refused the call."""
@@ -93,12 +99,12 @@ class ChainRun:
         """`chain[index]` is left; record why and the move to the next model, if any."""
         self.tried.append(failure)
         if index + 1 < len(self.chain):
-            self._metrics.fallback_moved(
-                self.chain[index].id, self.chain[index + 1].id, failure.reason
+            self._events.emit(
+                FallbackMoved, self.chain[index].id, self.chain[index + 1].id, failure.reason
             )
 
     def succeeded(self, index: int) -> None:
-        self._metrics.fallback_succeeded(self.chain[index].id)
+        self._events.emit(FallbackSucceeded, self.chain[index].id)
 
     def exhausted(self) -> PipelineError:
         """The error that ends a walk with no answer."""
@@ -106,7 +112,7 @@ class ChainRun:
             failure.reason == CIRCUIT_OPEN for failure in self.tried
         ):
             return CircuitOpenError([model.id for model in self.chain], self._open_retry_after)
-        self._metrics.fallback_chain_exhausted()
+        self._events.emit(FallbackExhausted)
         if all(failure.reason == CONTEXT_LENGTH for failure in self.tried):
             return ContextLengthExceededError(self.tried)
         return UpstreamFailedError(self.tried)

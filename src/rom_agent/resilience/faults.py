@@ -23,14 +23,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from rom_agent.config import Settings
-from rom_agent.providers.base import (
+from rom_agent.domain.errors import (
+    ErrorKind,
+    ProviderError,
+)
+from rom_agent.domain.messages import (
     ChatRequest,
     ChatResponse,
-    ErrorKind,
-    Provider,
-    ProviderError,
     StreamEvent,
     TextDelta,
+)
+from rom_agent.providers.base import (
+    Provider,
     classify_status,
 )
 from rom_agent.resilience.clock import Clock

@@ -21,9 +21,9 @@ on an upstream that is already failing.
 from __future__ import annotations
 
 from rom_agent.config import Settings
+from rom_agent.domain.errors import ProviderError
+from rom_agent.domain.events import Events, RetryBudgetExhausted, RetryScheduled
 from rom_agent.flags import FlagStore
-from rom_agent.metrics import Metrics
-from rom_agent.providers.base import ProviderError
 from rom_agent.resilience.clock import Clock
 from rom_agent.resilience.errors import failure_reason
 
@@ -80,10 +80,10 @@ def backoff_s(retry_index: int, settings: Settings, random: float) -> float:
 
 
 class Retry:
-    def __init__(self, flags: FlagStore, clock: Clock, metrics: Metrics) -> None:
+    def __init__(self, flags: FlagStore, clock: Clock, events: Events) -> None:
         self._flags = flags
         self._clock = clock
-        self._metrics = metrics
+        self._events = events
         self._budgets: dict[str, RetryBudget] = {}
 
     def budget(self, model: str) -> RetryBudget:
@@ -115,7 +115,7 @@ class Retry:
         if now + delay >= deadline:
             return None
         if not self.budget(model).try_spend(now, settings.retry_budget_ratio):
-            self._metrics.retry_refused_by_budget(model)
+            self._events.emit(RetryBudgetExhausted, model)
             return None
-        self._metrics.retry_made(model, failure_reason(error))
+        self._events.emit(RetryScheduled, model, failure_reason(error), delay)
         return delay

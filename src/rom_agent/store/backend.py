@@ -25,7 +25,7 @@ from rom_agent.store.flag_overrides import (
 if TYPE_CHECKING:
     import asyncpg
 
-    from rom_agent.providers.base import Message
+    from rom_agent.domain.messages import Message
 
 StoreKind = Literal["sqlite", "postgresql"]
 

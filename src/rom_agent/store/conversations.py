@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from rom_agent.providers.base import (
+from rom_agent.domain.messages import (
     ContentBlock,
     Message,
     TextBlock,

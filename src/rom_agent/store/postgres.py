@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
-from rom_agent.providers.base import Message
+from rom_agent.domain.messages import Message
 from rom_agent.store.conversations import (
     StoredMessage,
     _decode_block,

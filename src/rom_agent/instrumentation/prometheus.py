@@ -1,12 +1,13 @@
-"""Prometheus instrumentation (SPEC §8), kept in one module.
+"""Prometheus instrumentation (SPEC §8): one listener on the events protocol.
 
-Layers report events through `Metrics` methods; nothing else imports prometheus-client. Each
-app owns its registry, so tests can run several apps side by side. State gauges (breaker state,
-bottleneck running/queued) are read from their owners at scrape time by a custom collector, so
-`/metrics` always shows the live state — an OPEN breaker whose cooldown has passed shows
-HALF_OPEN without any request arriving.
+The core emits `rom_agent.domain.events` events; `PrometheusMetrics` is subscribed to them and
+is the only module that imports prometheus-client. Each app owns its registry, so tests can run
+several apps side by side. State gauges (breaker state, bottleneck running/queued) are read from
+their owners at scrape time by a custom collector, so `/metrics` always shows the live state —
+an OPEN breaker whose cooldown has passed shows HALF_OPEN without any request arriving. The
+scrape only observes: it never performs a transition (the breaker's own reads do that).
 
-When `ENABLE_METRICS` is false nothing is recorded: every event method checks the flag first.
+When `ENABLE_METRICS` is false nothing is recorded: the listener is unsubscribed (`listen`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from rom_agent.config import Settings
+from rom_agent.domain.events import (
+    AdmissionDenied,
+    AdmissionGranted,
+    AttemptFinished,
+    BreakerCallRecorded,
+    BreakerTransitioned,
+    Event,
+    Events,
+    FallbackAttempted,
+    FallbackExhausted,
+    FallbackMoved,
+    FallbackSucceeded,
+    GuardrailTriggered,
+    HttpRequestServed,
+    RetryBudgetExhausted,
+    RetryScheduled,
+)
+from rom_agent.flags import FlagStore
 
 # `*_created` series double the exposition for no operator value.
 disable_created_metrics()
@@ -43,8 +64,8 @@ _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class BreakerStates(Protocol):
-    def states(self) -> Iterable[tuple[str, str]]:
-        """(model id, state name) for every breaker, evaluated now."""
+    def observed_states(self) -> Iterable[tuple[str, str]]:
+        """(model id, state name) for every breaker as of now, without changing any."""
         ...
 
 
@@ -57,7 +78,7 @@ class AdmissionGauges(Protocol):
 
 
 class _LiveStateCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: PrometheusMetrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
@@ -67,7 +88,7 @@ class _LiveStateCollector(Collector):
             labels=["operation", "model", "state"],
         )
         source = self._metrics.breaker_source
-        for model, name in source.states() if source else ():
+        for model, name in source.observed_states() if source else ():
             state.add_metric([OPERATION, model, name], BREAKER_STATE_VALUE[name])
         yield state
 
@@ -91,7 +112,9 @@ class _LiveStateCollector(Collector):
         yield queued
 
 
-class Metrics:
+class PrometheusMetrics:
+    """The Prometheus adapter: subscribe it to a service's `Events` (it is the listener)."""
+
     def __init__(self, enabled: Callable[[], bool], models: Sequence[str]) -> None:
         self._enabled = enabled
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -196,6 +219,21 @@ class Metrics:
 
         r.register(_LiveStateCollector(self))
         self._seed(models)
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            BreakerCallRecorded: self._on_breaker_call,
+            BreakerTransitioned: self._on_breaker_transition,
+            FallbackAttempted: self._on_fallback_attempted,
+            FallbackMoved: self._on_fallback_moved,
+            FallbackSucceeded: self._on_fallback_succeeded,
+            FallbackExhausted: self._on_fallback_exhausted,
+            AdmissionGranted: self._on_admitted,
+            AdmissionDenied: self._on_admission_rejected,
+            RetryScheduled: self._on_retry,
+            RetryBudgetExhausted: self._on_retry_budget_exhausted,
+            GuardrailTriggered: self._on_guardrail,
+            AttemptFinished: self._on_attempt_finished,
+            HttpRequestServed: self._on_http_request,
+        }
 
     def _seed(self, models: Sequence[str]) -> None:
         """Create every series the guide greps, zero-valued, before the first request."""
@@ -234,82 +272,83 @@ class Metrics:
         return self._enabled()
 
     def render(self) -> bytes:
-        # Evaluate breaker states first: a due OPEN → HALF_OPEN transition is counted in
-        # circuit_breaker_transitions_total, which is rendered before the state gauge.
-        if self.breaker_source is not None:
-            for _ in self.breaker_source.states():
-                pass
         return generate_latest(self.registry)
 
     # ------------------------------------------------------------------ events
 
-    def breaker_outcome(self, model: str, outcome: str) -> None:
-        """outcome: success | failure | rejected."""
+    def listen(self, events: Events, flags: FlagStore) -> None:
+        """Record `events` while ENABLE_METRICS is true: subscribed (one typed handler per
+        event type) only then, so with metrics off the core's events reach nobody."""
+        removers: list[Callable[[], None]] = []
+
+        def follow(settings: Settings) -> None:
+            if settings.enable_metrics and not removers:
+                removers.extend(
+                    events.subscribe(handler, (kind,)) for kind, handler in self._handlers.items()
+                )
+            elif not settings.enable_metrics:
+                while removers:
+                    removers.pop()()
+
+        follow(flags.current)
+        flags.subscribe(follow)
+
+    def __call__(self, event: Event) -> None:
+        """Record any event, as an untyped listener (tests); `listen` routes them cheaper."""
         if not self._enabled():
             return
-        if outcome == "success":
-            self._child(self.breaker_success, OPERATION, model).inc()
-        elif outcome == "failure":
-            self._child(self.breaker_failure, OPERATION, model).inc()
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    def _on_breaker_call(self, event: BreakerCallRecorded) -> None:
+        if event.outcome == "success":
+            metric = self.breaker_success
+        elif event.outcome == "failure":
+            metric = self.breaker_failure
         else:
-            self._child(self.breaker_rejected, OPERATION, model).inc()
+            metric = self.breaker_rejected
+        self._child(metric, OPERATION, event.model).inc()
 
-    def breaker_transition(self, model: str, old: str, new: str) -> None:
-        if self._enabled():
-            self._child(self.breaker_transitions, OPERATION, model, old, new).inc()
+    def _on_breaker_transition(self, event: BreakerTransitioned) -> None:
+        self._child(self.breaker_transitions, OPERATION, event.model, event.old, event.new).inc()
 
-    def fallback_attempted(self, model: str) -> None:
-        if self._enabled():
-            self._child(self.fallback_attempt, OPERATION, model).inc()
+    def _on_fallback_attempted(self, event: FallbackAttempted) -> None:
+        self._child(self.fallback_attempt, OPERATION, event.model).inc()
 
-    def fallback_moved(self, old: str, new: str, reason: str) -> None:
-        if self._enabled():
-            self._child(self.fallback, OPERATION, old, new, reason).inc()
+    def _on_fallback_moved(self, event: FallbackMoved) -> None:
+        self._child(self.fallback, OPERATION, event.old, event.new, event.reason).inc()
 
-    def fallback_succeeded(self, model: str) -> None:
-        if self._enabled():
-            self._child(self.fallback_success, OPERATION, model).inc()
+    def _on_fallback_succeeded(self, event: FallbackSucceeded) -> None:
+        self._child(self.fallback_success, OPERATION, event.model).inc()
 
-    def fallback_chain_exhausted(self) -> None:
-        if self._enabled():
-            self._child(self.fallback_exhausted, OPERATION).inc()
+    def _on_fallback_exhausted(self, event: FallbackExhausted) -> None:
+        self._child(self.fallback_exhausted, OPERATION).inc()
 
-    def admission_admitted(self, waited_s: float, queued: bool) -> None:
-        if not self._enabled():
-            return
+    def _on_admitted(self, event: AdmissionGranted) -> None:
         self.admitted_count += 1
-        if queued:
+        if event.queued:
             self.queued_count += 1
-        self.bottleneck_queue_wait.observe(waited_s)
+        self.bottleneck_queue_wait.observe(event.waited_s)
 
-    def admission_rejected(self, reason: str) -> None:
-        if self._enabled():
-            self._child(self.bottleneck_rejected, OPERATION, reason).inc()
+    def _on_admission_rejected(self, event: AdmissionDenied) -> None:
+        self._child(self.bottleneck_rejected, OPERATION, event.reason).inc()
 
-    def retry_made(self, model: str, reason: str) -> None:
-        if self._enabled():
-            self._child(self.retry_attempts, model, reason).inc()
+    def _on_retry(self, event: RetryScheduled) -> None:
+        self._child(self.retry_attempts, event.model, event.reason).inc()
 
-    def retry_refused_by_budget(self, model: str) -> None:
-        if self._enabled():
-            self._child(self.retry_budget_exhausted, model).inc()
+    def _on_retry_budget_exhausted(self, event: RetryBudgetExhausted) -> None:
+        self._child(self.retry_budget_exhausted, event.model).inc()
 
-    def guardrail_triggered(self, reason: str) -> None:
-        if self._enabled():
-            self._child(self.guardrails_triggered, reason).inc()
+    def _on_guardrail(self, event: GuardrailTriggered) -> None:
+        self._child(self.guardrails_triggered, event.reason).inc()
 
-    def llm_attempt(self, model: str, outcome: str, seconds: float) -> None:
-        if self._enabled():
-            self._child(self.llm_duration, model, outcome).observe(seconds)
+    def _on_attempt_finished(self, event: AttemptFinished) -> None:
+        self._child(self.llm_duration, event.model, event.outcome).observe(event.seconds)
+        if event.outcome == "success":
+            self._child(self.llm_tokens, event.model, "input").inc(event.input_tokens)
+            self._child(self.llm_tokens, event.model, "output").inc(event.output_tokens)
 
-    def tokens_used(self, model: str, input_tokens: int, output_tokens: int) -> None:
-        if not self._enabled():
-            return
-        self._child(self.llm_tokens, model, "input").inc(input_tokens)
-        self._child(self.llm_tokens, model, "output").inc(output_tokens)
-
-    def http_request(self, route: str, status: int, seconds: float) -> None:
-        if not self._enabled():
-            return
-        self._child(self.http_requests, route, str(status)).inc()
-        self._child(self.http_duration, route).observe(seconds)
+    def _on_http_request(self, event: HttpRequestServed) -> None:
+        self._child(self.http_requests, event.route, str(event.status)).inc()
+        self._child(self.http_duration, event.route).observe(event.seconds)
