@@ -134,6 +134,8 @@ def test_mutations_need_the_csrf_token_and_the_same_origin(app: RunningApp) -> N
         assert bad.status_code == 400 and "MAX_QUEUE" in bad.json()["error"]
         assert app.services.flags.current.max_queue == 9
 
+        # With ENABLE_CIRCUIT_BREAKER off a breaker stays CLOSED (SPEC §4), even when opened.
+        app.services.flags.set({"enable_circuit_breaker": True})
         action = http.post(
             "/console/api/breakers/rom-sim-1/open",
             headers={"Origin": app.url, "X-CSRF-Token": csrf},
@@ -143,6 +145,7 @@ def test_mutations_need_the_csrf_token_and_the_same_origin(app: RunningApp) -> N
 
 def test_events_stream_pushes_the_live_state(app: RunningApp) -> None:
     http, _ = _login(app)
+    app.services.flags.set({"enable_circuit_breaker": True})  # off: breakers stay CLOSED
     app.services.breakers.force_open("rom-sim-2")
     with contextlib.closing(http), http.stream("GET", "/console/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
