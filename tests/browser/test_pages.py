@@ -233,6 +233,7 @@ def test_rollout_started_from_the_page_shows_each_check_as_it_runs(
 ) -> None:
     page = _login(browser, fresh_service)
     page.fill("#rollout-key", API_KEY)
+    page.fill("#rollout-delay", "500")  # stage C's burst: 5 waves of 0.5 s instead of 3 s
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#rollout-start")
     # A check is on the page while the rollout is still running: pushed as it happens.

@@ -8,9 +8,8 @@ and CSRF checks in front. The live state is one Server-Sent Events stream per op
 from __future__ import annotations
 
 import asyncio
-import inspect
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -44,18 +43,18 @@ _NO_STORE = {"Cache-Control": "no-store"}
 
 def _live(request: Request) -> LiveState:
     state = request.app.state
-    live = getattr(state, "console_live", None)
+    live: LiveState | None = getattr(state, "console_live", None)
     if live is None:
         live = state.console_live = LiveState(services_of(request))
-    return live  # type: ignore[no-any-return]
+    return live
 
 
 def _rollouts(request: Request) -> RolloutRunner:
     state = request.app.state
-    runner = getattr(state, "console_rollouts", None)
+    runner: RolloutRunner | None = getattr(state, "console_rollouts", None)
     if runner is None:
         runner = state.console_rollouts = RolloutRunner()
-    return runner  # type: ignore[no-any-return]
+    return runner
 
 
 def _no_store(response: Response) -> Response:
@@ -152,19 +151,12 @@ async def patch_flags(request: Request) -> Response:
 
 async def delete_flag(request: Request) -> Response:
     require_mutation(request)
-    return _no_store(await _admin_call(admin.delete_flag, request))
+    return _no_store(await admin.delete_flag(request))
 
 
 async def breaker_action(request: Request) -> Response:
     require_mutation(request)
-    return _no_store(await _admin_call(admin.breaker_action, request))
-
-
-async def _admin_call(handler: Callable[..., Awaitable[Response]], request: Request) -> Response:
-    """Call an admin handler whether it takes its path parameters as arguments (FastAPI
-    style) or reads them from `request.path_params` (the route table's style)."""
-    names = list(inspect.signature(handler).parameters)[1:]
-    return await handler(request, *(request.path_params[name] for name in names))
+    return _no_store(await admin.breaker_action(request))
 
 
 # ---------------------------------------------------------------------- rollout

@@ -93,7 +93,14 @@ class RolloutRunner:
     def __init__(self) -> None:
         self.current: RolloutRun | None = None
         self._task: asyncio.Task[None] | None = None
-        self._folder = Path(tempfile.mkdtemp(prefix="rom-agent-rollout-"))
+        self._folder_path: Path | None = None
+
+    @property
+    def _folder(self) -> Path:
+        """Where reports go: made on first use (most processes never run a rollout)."""
+        if self._folder_path is None:
+            self._folder_path = Path(tempfile.mkdtemp(prefix="rom-agent-rollout-"))
+        return self._folder_path
 
     @property
     def running(self) -> bool:

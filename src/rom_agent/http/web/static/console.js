@@ -151,7 +151,10 @@
     if (!confirm("Start the rollout (stages A → B → C) against this service? It changes flags and switches fault injection on for each drill.")) return;
     $("rollout-events").replaceChildren();
     const key = $("rollout-key").value.trim();
-    const result = await call("POST", "/console/api/rollout", key ? { apiKey: key } : {});
+    const body = key ? { apiKey: key } : {};
+    const delay = parseInt($("rollout-delay").value, 10);
+    if (delay > 0) body.burst_delay_ms = delay; // stage C: how long each burst request is held
+    const result = await call("POST", "/console/api/rollout", body);
     $("rollout-error").textContent = result.ok ? "" : result.data.error || "could not start";
   });
 
