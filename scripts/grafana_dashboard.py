@@ -405,8 +405,6 @@ ROWS: list[tuple[str, list[Panel]]] = [
 PENDING_METRICS: set[str] = {
     "stream_continuation_total",
     "hedge_total",
-    "llm_time_to_first_token_seconds",
-    "http_retry_after_seconds",
 }
 
 

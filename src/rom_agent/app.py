@@ -27,6 +27,7 @@ from rom_agent.http.middleware import RequestContextMiddleware
 from rom_agent.http.routes import ROUTES, TableRouter
 from rom_agent.instrumentation import runtime
 from rom_agent.instrumentation.prometheus import PrometheusMetrics
+from rom_agent.instrumentation.propagation import tracing_requested
 from rom_agent.logs import get_logger
 from rom_agent.providers.base import Provider
 from rom_agent.providers.bedrock import BedrockProvider
@@ -172,6 +173,11 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
             log.info("stopped")
 
     middleware = [Middleware(RequestContextMiddleware, events=services.events)]
+    if tracing_requested():
+        # Imported only here: with tracing off, OpenTelemetry is never loaded.
+        from rom_agent.instrumentation import tracing
+
+        middleware.insert(0, Middleware(tracing.TracingMiddleware, tracing.install(services)))
     if settings.cors_origins:
         middleware.append(
             Middleware(

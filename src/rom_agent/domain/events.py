@@ -49,6 +49,15 @@ class AttemptFinished:
 
 
 @dataclass(slots=True)
+class FirstToken:
+    """A streamed attempt produced its first content event (the commit point), `seconds`
+    after the attempt started."""
+
+    model: str
+    seconds: float
+
+
+@dataclass(slots=True)
 class StreamInterrupted:
     """A committed stream broke (after its first token), or was continued elsewhere."""
 
@@ -140,6 +149,14 @@ class GuardrailTriggered:
 
 
 @dataclass(slots=True)
+class RetryAfterGiven:
+    """A 429/503 answer told the client to come back after `seconds` (`Retry-After`)."""
+
+    route: str
+    seconds: float
+
+
+@dataclass(slots=True)
 class HttpRequestServed:
     route: str
     status: int
@@ -149,6 +166,7 @@ class HttpRequestServed:
 Event = (
     AttemptStarted
     | AttemptFinished
+    | FirstToken
     | StreamInterrupted
     | BreakerCallRecorded
     | BreakerTransitioned
@@ -162,6 +180,7 @@ Event = (
     | AdmissionDenied
     | GuardrailTriggered
     | HttpRequestServed
+    | RetryAfterGiven
 )
 
 Listener = Callable[[Event], None]

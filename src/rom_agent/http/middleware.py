@@ -6,6 +6,7 @@ callable adds one function frame.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -13,7 +14,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rom_agent.domain.events import Events, HttpRequestServed
+from rom_agent.domain.events import Events, HttpRequestServed, RetryAfterGiven
 from rom_agent.logs import get_logger
 
 _INCOMING_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
@@ -47,12 +48,16 @@ class RequestContextMiddleware:
         raw_id = request_id.encode()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
+        retry_after: bytes | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, retry_after
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (_HEADER, raw_id)]
+                headers = message.get("headers", ())
+                if status in (429, 503):
+                    retry_after = next((v for k, v in headers if k.lower() == b"retry-after"), None)
+                message["headers"] = [*headers, (_HEADER, raw_id)]
             await send(message)
 
         try:
@@ -62,6 +67,9 @@ class RequestContextMiddleware:
             route = scope.get("route")
             path = route.path if route is not None else "unmatched"
             self.events.emit(HttpRequestServed, path, status, elapsed)
+            if retry_after is not None:
+                with contextlib.suppress(ValueError):  # an HTTP date: not ours, not counted
+                    self.events.emit(RetryAfterGiven, path, float(retry_after))
             log.info(
                 "request",
                 method=scope["method"],

@@ -39,8 +39,10 @@ from rom_agent.domain.events import (
     FallbackExhausted,
     FallbackMoved,
     FallbackSucceeded,
+    FirstToken,
     GuardrailTriggered,
     HttpRequestServed,
+    RetryAfterGiven,
     RetryBudgetExhausted,
     RetryScheduled,
 )
@@ -205,6 +207,13 @@ class PrometheusMetrics:
             buckets=LLM_BUCKETS,
             registry=r,
         )
+        self.llm_first_token = Histogram(
+            "llm_time_to_first_token_seconds",
+            "Time from the start of a streamed attempt to its first content event",
+            ["model"],
+            buckets=LLM_BUCKETS[:-1],  # 50 ms to 60 s: FIRST_TOKEN_TIMEOUT_S stops longer waits
+            registry=r,
+        )
         self.llm_tokens = Counter("llm_tokens", "Tokens used", ["model", "direction"], registry=r)
         self.http_requests = Counter(
             "http_requests", "HTTP requests served", ["route", "status"], registry=r
@@ -214,6 +223,14 @@ class PrometheusMetrics:
             "HTTP request duration",
             ["route"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        self.retry_after = Histogram(
+            "http_retry_after_seconds",
+            "Retry-After given on 429/503 answers",
+            ["route"],
+            buckets=(1, 2, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
 
@@ -233,6 +250,8 @@ class PrometheusMetrics:
             GuardrailTriggered: self._on_guardrail,
             AttemptFinished: self._on_attempt_finished,
             HttpRequestServed: self._on_http_request,
+            FirstToken: self._on_first_token,
+            RetryAfterGiven: self._on_retry_after,
         }
 
     def _seed(self, models: Sequence[str]) -> None:
@@ -348,6 +367,12 @@ class PrometheusMetrics:
         if event.outcome == "success":
             self._child(self.llm_tokens, event.model, "input").inc(event.input_tokens)
             self._child(self.llm_tokens, event.model, "output").inc(event.output_tokens)
+
+    def _on_first_token(self, event: FirstToken) -> None:
+        self._child(self.llm_first_token, event.model).observe(event.seconds)
+
+    def _on_retry_after(self, event: RetryAfterGiven) -> None:
+        self._child(self.retry_after, event.route).observe(event.seconds)
 
     def _on_http_request(self, event: HttpRequestServed) -> None:
         self._child(self.http_requests, event.route, str(event.status)).inc()

@@ -27,6 +27,7 @@ from rom_agent.domain.messages import (
     ChatResponse,
     StreamEvent,
 )
+from rom_agent.instrumentation.propagation import with_trace_headers
 
 # Used when a request carries no `timeout_s`; the resilience layer normally always sets one.
 DEFAULT_TIMEOUT_S = 60.0
@@ -227,7 +228,7 @@ class HttpProvider(ABC):
             async with self._session.get().post(
                 call.url,
                 data=call.body,
-                headers=call.headers,
+                headers=with_trace_headers(call.headers),
                 timeout=call_timeout(request.timeout_s),
             ) as response:
                 if response.status != 200:
@@ -245,7 +246,7 @@ class HttpProvider(ABC):
             async with self._session.get().post(
                 call.url,
                 data=call.body,
-                headers=call.headers,
+                headers=with_trace_headers(call.headers),
                 timeout=stream_timeout(request.timeout_s),
             ) as response:
                 if response.status != 200:

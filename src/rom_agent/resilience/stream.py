@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from rom_agent.domain.errors import ErrorKind, ProviderError
+from rom_agent.domain.events import FirstToken
 from rom_agent.domain.messages import StopEvent, StreamEvent, Usage, UsageEvent
 from rom_agent.logs import get_logger
 from rom_agent.resilience.attempts import Attempt, AttemptRunner
@@ -91,6 +92,7 @@ async def open_stream(runner: AttemptRunner, attempt: Attempt) -> OpenedStream:
                 raise runner.timed_out(attempt, limit_s, FIRST_TOKEN_TIMEOUT) from None
             head.append(event)
             if not isinstance(event, UsageEvent):
+                runner.events.emit(FirstToken, attempt.model.id, clock.now() - attempt.started)
                 return OpenedStream(attempt, upstream, head)
     except BaseException:
         await _aclose(upstream)
