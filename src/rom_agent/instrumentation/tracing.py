@@ -299,7 +299,6 @@ _HANDLERS: dict[str, Callable[[Tracing, _RequestTrace, Any], None]] = {
 }
 
 
-
 def install(services: Services, provider: TracerProvider | None = None) -> Tracing:
     """Subscribe a tracing listener to `services.events`; the app adds `TracingMiddleware`."""
 
