@@ -309,3 +309,28 @@ def test_the_feed_needs_the_admin_token_and_switches_off_quietly(app: RunningApp
     with contextlib.closing(http), http.stream("GET", "/console/events") as response:
         line = next(line for line in response.iter_lines() if line.startswith("data: "))
     assert orjson.loads(line[6:])["rollout"] is None  # nothing reached the console
+
+
+async def test_fallbacks_and_retries_per_minute_come_from_events_even_with_metrics_off(
+    tmp_path: Path,
+) -> None:
+    from rom_agent.app import create_services
+    from rom_agent.domain.events import FallbackMoved, RetryBudgetExhausted, RetryScheduled
+    from rom_agent.http.web.live import LiveState
+    from rom_agent.resilience.clock import FakeClock
+
+    clock = FakeClock()
+    services = create_services(isolated_settings(tmp_path, enable_metrics=False), clock=clock)
+    live = LiveState(services)
+    await live.snapshot()  # the base sample
+    services.events.emit(FallbackMoved, "rom-sim-1", "rom-sim-2", "error")
+    services.events.emit(RetryScheduled, "rom-sim-1", "status_503", 0.5)
+    services.events.emit(RetryBudgetExhausted, "rom-sim-1")
+    clock.advance(1)
+    state = await live.snapshot()
+    assert state["fallbacksLastMinute"] == 1
+    assert state["retry"]["retriesLastMinute"] == 1
+    assert state["retry"]["refusedByBudgetLastMinute"] == 1
+    clock.advance(61)
+    state = await live.snapshot()
+    assert state["fallbacksLastMinute"] == 0  # the minute has passed

@@ -1,7 +1,8 @@
 """The console's live state: one snapshot of the process, pushed about once a second.
 
 Everything is read through the same accessors the admin API uses (breaker and bottleneck
-snapshots, the flag store, the Prometheus counters by name). "Last minute" figures are sums of
+snapshots, the flag store); fallbacks, retries and budget refusals are counted from the core's
+events (so they show with ENABLE_METRICS off too). "Last minute" figures are sums of
 the increases between samples taken at most once a second while a console is open, so after a
 console first connects they cover the time since then (up to a minute). A counter going down
 (a breaker `reset`) counts as a restart from zero, never as a negative rate.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from rom_agent.domain.events import FallbackMoved, RetryBudgetExhausted, RetryScheduled
 from rom_agent.services import Services
 
 WINDOW_S = 60.0
@@ -47,18 +49,6 @@ class CounterWindow:
         return total
 
 
-def _counter_total(metric: Any, **labels: str) -> float:
-    """Sum of a prometheus_client counter's `_total` samples matching `labels`."""
-    total = 0.0
-    for family in metric.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total") and all(
-                sample.labels.get(k) == v for k, v in labels.items()
-            ):
-                total += sample.value
-    return total
-
-
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -70,6 +60,14 @@ class LiveState:
         self._services = services
         self._windows: dict[str, CounterWindow] = {}
         self._last_sample = float("-inf")
+        self._events = {"fallbacks": 0, "retries": 0, "retryRefused": 0}
+        kinds = {FallbackMoved: "fallbacks", RetryScheduled: "retries"}
+        kinds[RetryBudgetExhausted] = "retryRefused"
+
+        def count(event: object) -> None:
+            self._events[kinds[type(event)]] += 1
+
+        services.events.subscribe(count, kinds)
 
     def _window(self, key: str) -> CounterWindow:
         window = self._windows.get(key)
@@ -95,7 +93,6 @@ class LiveState:
         settings = services.flags.current
         breakers = services.breakers.snapshot()
         admission = services.bottleneck.snapshot()
-        metrics = services.metrics
 
         counters: dict[str, float] = {}
         for breaker in breakers["breakers"]:
@@ -103,9 +100,7 @@ class LiveState:
             counters[f"failure:{model}"] = totals["failure"]
             counters[f"success:{model}"] = totals["success"]
             counters[f"rejected:{model}"] = totals["rejected"]
-        counters["fallbacks"] = _counter_total(metrics.fallback)
-        counters["retries"] = _counter_total(metrics.retry_attempts)
-        counters["retryRefused"] = _counter_total(metrics.retry_budget_exhausted)
+        counters.update(self._events)
         counters["admissionRejected"] = float(sum(admission["totals"]["rejected"].values()))
         self._sample(now, counters)
 

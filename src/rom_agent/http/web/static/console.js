@@ -72,7 +72,7 @@
       field("counts").textContent = `${m.failuresLastMinute} / ${m.successesLastMinute}`;
       field("rejected").textContent = String(m.rejectedLastMinute);
     }
-    $("fallbacks").textContent = state.metricsEnabled ? String(state.fallbacksLastMinute) : "– (metrics off)";
+    $("fallbacks").textContent = String(state.fallbacksLastMinute);
   }
 
   // ------------------------------------------------------------------ panels
@@ -90,8 +90,8 @@
     stats($("retry"), [
       ["Retry", r.enabled ? `on, up to ${r.maxRetries} per model` : "off"],
       ["Budget ratio", String(r.budgetRatio)],
-      ["Retries (1 min)", state.metricsEnabled ? String(r.retriesLastMinute) : "– (metrics off)"],
-      ["Refused by budget (1 min)", state.metricsEnabled ? String(r.refusedByBudgetLastMinute) : "–"],
+      ["Retries (1 min)", String(r.retriesLastMinute)],
+      ["Refused by budget (1 min)", String(r.refusedByBudgetLastMinute)],
     ]);
     const p = state.process;
     stats($("processinfo"), [
