@@ -136,12 +136,25 @@ async def test_tool_use_round_trip(
     ]
 
 
-async def test_usage_defaults_to_zero(
+async def test_missing_usage_is_estimated_never_zero(
     openai_provider: OpenAIProvider, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.script([Behaviour(usage=None), Behaviour(usage=None)])
-    assert (await openai_provider.complete(ask())).usage == Usage(0, 0)
-    assert UsageEvent(Usage(0, 0)) in await collect(openai_provider.stream(ask()))
+    """llama.cpp ignores `include_usage`: the usage is estimated (4 characters a token, rounded
+    up) and flagged, so no client records zero tokens for generated text."""
+    text = "Hello from the fake upstream."  # 29 characters: 8 tokens
+    fake_openai.script([Behaviour(text=text, usage=None), Behaviour(text=text, usage=None)])
+    prompt = "Tell me something nice"  # 22 characters: 6 tokens
+    estimated = Usage(6, 8, estimated=True)
+    assert (await openai_provider.complete(ask(prompt))).usage == estimated
+    assert UsageEvent(estimated) in await collect(openai_provider.stream(ask(prompt)))
+
+
+async def test_reported_usage_is_not_estimated(
+    openai_provider: OpenAIProvider, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script([Behaviour(usage=(30, 4)), Behaviour(usage=(30, 4))])
+    assert (await openai_provider.complete(ask())).usage == Usage(30, 4)
+    assert UsageEvent(Usage(30, 4)) in await collect(openai_provider.stream(ask()))
 
 
 # --------------------------------------------------------------------------- SSE

@@ -77,12 +77,15 @@ class ChatOutcome:
         return body
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
-    return {
+def usage_dict(usage: Usage) -> dict[str, int | bool]:
+    body: dict[str, int | bool] = {
         "inputTokens": usage.input_tokens,
         "outputTokens": usage.output_tokens,
         "totalTokens": usage.total_tokens,
     }
+    if usage.estimated:  # the upstream reported none: counted by us (docs/openai.md)
+        body["estimated"] = True
+    return body
 
 
 async def collect_stream(pipeline: Pipeline, call: ModelCall, on_text: OnText) -> PipelineResult:

@@ -64,6 +64,8 @@ class ToolSpec:
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
+    # Counted by us, not by the upstream (it reported none): see openai_wire.estimate_usage.
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -71,7 +73,9 @@ class Usage:
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
-            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.estimated or other.estimated,
         )
 
 

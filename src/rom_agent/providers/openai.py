@@ -8,6 +8,7 @@ and the error taxonomy. Stop reasons are normalised to the Converse vocabulary (
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -36,6 +37,8 @@ from rom_agent.providers.base import (
 )
 from rom_agent.providers.openai_wire import (
     StreamAccumulator,
+    completion_chars,
+    estimate_usage,
     request_json,
     response_of,
     stop_reason_of,
@@ -107,7 +110,11 @@ class OpenAIProvider(HttpProvider):
         return _error_from_body(response.status, data, response.headers)
 
     def decode(self, request: ChatRequest, raw: bytes) -> ChatResponse:
-        return decode_response(request.model, raw)
+        response = decode_response(request.model, raw)
+        if response.usage.total_tokens == 0 and (response.content or request.messages):
+            usage = estimate_usage(request, completion_chars(response))
+            response = replace(response, usage=usage)
+        return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """The template's stream, plus one exception to "one call, one request": llama.cpp's
@@ -130,7 +137,7 @@ class OpenAIProvider(HttpProvider):
         yield StopEvent(response.stop_reason)
 
     def stream_decoding(self, request: ChatRequest) -> StreamDecoding:
-        return SseDecoding()
+        return SseDecoding(request)
 
 
 def decode_response(model: str, raw: bytes) -> ChatResponse:
@@ -170,9 +177,10 @@ class SseDecoding(StreamDecoding):
     cut: the server stopped generating early.
     """
 
-    __slots__ = ("accumulator", "empty")
+    __slots__ = ("accumulator", "empty", "request")
 
-    def __init__(self) -> None:
+    def __init__(self, request: ChatRequest) -> None:
+        self.request = request
         self.accumulator = StreamAccumulator()
         self.empty = True  # no server-sent event at all
 
@@ -207,7 +215,10 @@ class SseDecoding(StreamDecoding):
             raise empty_response()
         if not accumulator.finished:
             raise stream_cut(NO_FINISH)
-        return [UsageEvent(accumulator.usage), StopEvent(stop_reason_of(accumulator.finish_reason))]
+        usage = accumulator.usage
+        if not accumulator.saw_usage:
+            usage = estimate_usage(self.request, accumulator.text_chars)
+        return [UsageEvent(usage), StopEvent(stop_reason_of(accumulator.finish_reason))]
 
 
 def _in_stream_error(chunk: dict[str, Any]) -> ProviderError:

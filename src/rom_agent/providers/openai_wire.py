@@ -87,11 +87,47 @@ def usage_of(raw: Any) -> Usage:
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.estimated:  # our documented extension: the upstream reported no usage
+        body["estimated"] = True
+    return body
+
+
+# Characters per token of the estimate: OpenAI's rule of thumb for English text (~4); no
+# tokenizer ships with the gateway, so none is "known" for any model.
+CHARS_PER_TOKEN = 4
+
+
+def _tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN) if chars > 0 else 0
+
+
+def estimate_usage(request: ChatRequest, completion_chars: int) -> Usage:
+    """Usage for an upstream that reported none (llama.cpp ignores `include_usage`): never
+    zero for text that was sent or generated, and flagged `estimated`."""
+    chars = len(request.system or "")
+    for message in request.messages:
+        for block in message.content:
+            if isinstance(block, TextBlock):
+                chars += len(block.text)
+            elif isinstance(block, ToolResultBlock):
+                chars += len(block.content)
+            else:
+                chars += len(block.name) + len(orjson.dumps(block.input))
+    for tool in request.tools:
+        chars += len(tool.name) + len(tool.description) + len(orjson.dumps(tool.input_schema))
+    return Usage(_tokens(chars), _tokens(completion_chars), estimated=True)
+
+
+def completion_chars(response: ChatResponse) -> int:
+    chars = len(response.text)
+    for block in response.tool_uses:
+        chars += len(block.name) + len(orjson.dumps(block.input))
+    return chars
 
 
 # --------------------------------------------------------------------------- tool calls
@@ -346,6 +382,7 @@ class StreamAccumulator:
     """
 
     __slots__ = ("_tools", "done", "finish_reason", "saw_usage", "text_chars", "usage")
+    # `text_chars`: characters generated (text and tool calls), for a usage estimate.
 
     def __init__(self) -> None:
         self._tools: dict[int, list[Any]] = {}  # index → [id, name, argument fragments]
@@ -377,7 +414,9 @@ class StreamAccumulator:
             if finish:
                 self.finish_reason = finish
                 for _, tool in sorted(self._tools.items()):
-                    block = ToolUseBlock(tool[0], tool[1], arguments_of("".join(tool[2])))
+                    arguments = "".join(tool[2])
+                    self.text_chars += len(tool[1]) + len(arguments)
+                    block = ToolUseBlock(tool[0], tool[1], arguments_of(arguments))
                     events.append(ToolUseEvent(block))
                 self._tools.clear()
         return events
