@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route, Router, compile_path
 from starlette.types import Receive, Scope, Send
 
-from rom_agent.http import admin, chat, health, openai_compat, openapi, web
+from rom_agent.http import admin, chat, health, openai_compat, openapi, responses_api, web
 from rom_agent.http.errors import (
     OPENAI,
     SPEC,
@@ -50,6 +50,7 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("POST", "/api/chat/stream", chat.chat_stream),
     ApiRoute("POST", "/v1/chat/completions", openai_compat.chat_completions, OPENAI),
     ApiRoute("GET", "/v1/models", openai_compat.list_models, OPENAI),
+    ApiRoute("POST", "/v1/responses", responses_api.create_response, OPENAI),
     ApiRoute("GET", "/api/conversations/{conversation_id}", chat.get_conversation),
     ApiRoute("GET", "/health", health.health),
     ApiRoute("GET", "/ready", health.ready),
