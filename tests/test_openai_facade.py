@@ -94,10 +94,38 @@ def raw_chunks(body: bytes) -> list[Any]:
 def test_models_lists_the_configured_chain(tmp_path: Path, fake: FakeOpenAI) -> None:
     prime(fake)
     with gateway(tmp_path, fake) as app:
-        models = sdk(app.url).models.list()
+        client = sdk(app.url)
+        models = client.models.list()
+        one = client.models.retrieve("backup")
+        qualified = client.models.retrieve("openai/primary")
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.models.retrieve("gpt-17")
     assert [m.id for m in models.data] == ["primary", "backup"]
     assert {m.owned_by for m in models.data} == {"openai"}
+    assert (one.id, one.owned_by, qualified.id) == ("backup", "openai", "primary")
+    assert caught.value.code == "model_not_found"
     assert fake.request_count == 0  # answered from configuration
+
+
+def test_v1_routes_answer_in_openai_shape_and_are_guarded(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """Unknown /v1 routes, wrong methods, and API_KEYS on every /v1 route, models included."""
+    prime(fake)
+    with gateway(tmp_path, fake, api_keys="k-1") as app:
+        denied = sdk(app.url)  # api_key "unused"
+        with pytest.raises(openai.AuthenticationError):
+            denied.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            denied.models.retrieve("primary")
+        with pytest.raises(openai.AuthenticationError):
+            denied.responses.create(model="primary", input="x")
+        allowed = openai.OpenAI(base_url=app.url + "/v1", api_key="k-1", max_retries=0)
+        assert [m.id for m in allowed.models.list().data] == ["primary", "backup"]
+        with app.client() as http:
+            unknown = http.get("/v1/embeddings-of-nothing", headers={"Authorization": "Bearer k-1"})
+            wrong = http.get("/v1/chat/completions", headers={"Authorization": "Bearer k-1"})
+    assert unknown.status_code == 404 and "error" in unknown.json()
+    assert isinstance(unknown.json()["error"], dict)  # OpenAI's shape, not the SPEC's string
+    assert wrong.status_code == 405 and isinstance(wrong.json()["error"], dict)
 
 
 def test_a_plain_completion(tmp_path: Path, fake: FakeOpenAI) -> None:
@@ -395,13 +423,14 @@ def test_bad_requests_raise_bad_request_error(tmp_path: Path, fake: FakeOpenAI) 
     prime(fake)
     with gateway(tmp_path, fake) as app:
         client = sdk(app.url)
-        with pytest.raises(openai.BadRequestError) as caught:
+        # An unknown model is a 404 `model_not_found`, as OpenAI answers it.
+        with pytest.raises(openai.NotFoundError) as caught:
             client.chat.completions.create(model="gpt-17", messages=HELLO)
         assert caught.value.body == {
             "message": "unknown model 'gpt-17'",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "INVALID_REQUEST",
+            "type": "not_found_error",
+            "param": "model",
+            "code": "model_not_found",
         }
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="primary", messages=[], stream=True)
@@ -549,7 +578,7 @@ def test_fallbacks_in_the_body_override_the_chain(tmp_path: Path, fake: FakeOpen
         # The configured chain otherwise: primary, then backup.
         chunks = list(client.chat.completions.create(model="primary", messages=HELLO, stream=True))
         assert {c.model for c in chunks} == {"backup"}
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(
                 model="primary", messages=HELLO, extra_body={"fallbacks": ["nope"]}
             )

@@ -87,7 +87,10 @@ def parse_chain(data: dict[str, Any], services: Services) -> tuple[ModelRef, ...
     try:
         return services.pipeline.chain_for(model, fallbacks)
     except ValueError as exc:
-        raise ApiError(400, "INVALID_REQUEST", str(exc)) from None
+        # OpenAI answers an unknown model with a 404 `model_not_found`.
+        raise ApiError(
+            404, "MODEL_NOT_FOUND", str(exc), openai_code="model_not_found", param="model"
+        ) from None
 
 
 def check_options(
@@ -171,14 +174,35 @@ def _api_error(exc: Exception) -> ApiError:
     return error
 
 
+def _model_json(ref: ModelRef, created: int) -> dict[str, Any]:
+    return {"id": ref.id, "object": "model", "created": created, "owned_by": ref.provider}
+
+
 async def list_models(request: Request) -> Response:
+    """The configured chain. Guarded by API_KEYS like every other /v1 route."""
     services = services_of(request)
+    check_api_key(request, services)
     created = int(services.started_wall)
-    data = [
-        {"id": ref.id, "object": "model", "created": created, "owned_by": ref.provider}
-        for ref in services.chain
-    ]
+    data = [_model_json(ref, created) for ref in services.chain]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+
+async def get_model(request: Request) -> Response:
+    """`GET /v1/models/{model_id}`: one model of the chain (id or `provider/id`), else 404."""
+    services = services_of(request)
+    check_api_key(request, services)
+    name = request.path_params["model_id"]
+    for ref in services.chain:
+        if name in (ref.id, ref.qualified):
+            body = _model_json(ref, int(services.started_wall))
+            return Response(orjson.dumps(body), media_type="application/json")
+    raise ApiError(
+        404,
+        "MODEL_NOT_FOUND",
+        f"The model {name!r} does not exist",
+        openai_code="model_not_found",
+        param="model",
+    )
 
 
 async def chat_completions(request: Request) -> Response:
