@@ -13,7 +13,7 @@ import pytest
 from rom_agent.config import Settings
 from rom_agent.flags import FlagStore
 from rom_agent.fleet.leases import FleetAdmission, FleetWaiter
-from rom_agent.fleet.shared_state import SharedState
+from rom_agent.fleet.shared_state import FAILURES_TO_OPEN, SharedState
 from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck, Permit
 from rom_agent.resilience.clock import FakeClock
 
@@ -150,8 +150,8 @@ async def test_with_redis_down_admission_falls_back_to_a_local_share() -> None:
     replica = Replica("a", server, max_concurrent=5, max_queue=20)
     replica.bottleneck.replica_count = lambda: 3
     server.connected = False
-    assert await replica.acquire() is None  # the caller must use the local path
-    assert await replica.acquire() is None
+    for _ in range(FAILURES_TO_OPEN):
+        assert await replica.acquire() is None  # the caller must use the local path
     assert replica.bottleneck.remote_gate() is None  # breaker open: no more Redis calls
     local = [replica.bottleneck.try_acquire() for _ in range(2)]
     assert all(isinstance(p, Permit) for p in local)

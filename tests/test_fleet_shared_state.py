@@ -134,3 +134,20 @@ def test_two_replicas_share_flags_and_see_each_other(
         assert fleet["sharedState"]["up"] is True
         history = http.get("/admin/flags/history").json()
         assert history["entries"][0]["changes"]["MAX_QUEUE"]["new"] == 7
+
+
+async def test_concurrent_timeouts_count_as_one_failure() -> None:
+    shared = SharedState("redis://unused", client=fakeredis.FakeAsyncRedis(), call_timeout_s=0.01)
+
+    async def stalled(redis: object) -> None:
+        await asyncio.sleep(3600)
+
+    async def attempt() -> None:
+        with pytest.raises(SharedStateDown):
+            await shared.call("stalled", stalled)
+
+    await asyncio.gather(*(attempt() for _ in range(FAILURES_TO_OPEN + 2)))
+    assert shared.up is True  # one busy moment, not an outage
+    for _ in range(FAILURES_TO_OPEN - 1):  # failures one after another do count
+        await attempt()
+    assert shared.up is False

@@ -81,7 +81,9 @@ class FlagSync:
         message = orjson.dumps({"kind": kind, "replica": self._replica_id, **body})
         channel = self.channel
         try:
-            await self._shared.call("publish", lambda r: r.publish(channel, message))
+            await self._shared.call(
+                "publish", lambda r: r.publish(channel, message), background=True
+            )
         except SharedStateDown:
             return False
         return True

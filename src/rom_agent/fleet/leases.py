@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = get_logger("rom_agent.fleet.admission")
 
+
 _COMMON = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -160,11 +161,21 @@ class FleetAdmission:
         self._release = shared.client.register_script(RELEASE)
         self._renew = shared.client.register_script(RENEW)
         self._held: set[str] = set()  # running leases of this replica
+        self._unreleased: set[str] = set()  # given back while Redis did not answer
         self._waiters: dict[str, FleetWaiter] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self.bottleneck: Bottleneck | None = None
         self.last_counts = (0, 0)  # fleet-wide (running, queued) at the last script call
+        shared.on_change(self._on_shared_state)
+
+    def _on_shared_state(self, up: bool) -> None:
+        if up and self._unreleased:  # Redis is back: return the stranded slots at once
+            task = asyncio.get_running_loop().create_task(
+                self._release_now(list(self._unreleased))
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # ------------------------------------------------------------------ state
 
@@ -197,9 +208,13 @@ class FleetAdmission:
         keys = self._keys
         try:
             result = await self._shared.call(
-                "admission", lambda _: self._acquire(keys=keys, args=args)
+                "admission",
+                lambda _: self._acquire(keys=keys, args=args),
             )
         except SharedStateDown:
+            # A timeout does not say whether the script ran: give the lease back in case it
+            # did (if Redis is really down, it expires within the TTL anyway).
+            self.release_soon(lease)
             return None
         verdict, running, queued = (int(x) for x in result)
         self.last_counts = (running, queued)
@@ -282,12 +297,17 @@ class FleetAdmission:
         settings = self._flags.current
         args = [self._ttl_ms, settings.max_concurrent, self._channel, *leases]
         keys = self._keys
-        # Down: the lease simply expires within the TTL.
-        with contextlib.suppress(SharedStateDown):
+        try:
             result = await self._shared.call(
-                "release", lambda _: self._release(keys=keys, args=args)
+                "release", lambda _: self._release(keys=keys, args=args), background=True
             )
-            self.last_counts = (int(result[0]), int(result[1]))
+        except SharedStateDown:
+            # Sent again by the renewal loop once Redis answers: waiting for the TTL instead
+            # would keep those slots from the fleet for up to a whole TTL after a stall.
+            self._unreleased.update(leases)
+            return
+        self._unreleased.difference_update(leases)
+        self.last_counts = (int(result[0]), int(result[1]))
 
     async def renew(self) -> None:
         """Extend every lease of this replica; wake waiters whose promotion message was lost."""
@@ -295,7 +315,9 @@ class FleetAdmission:
         settings = self._flags.current
         args = [self._ttl_ms, settings.max_concurrent, self._channel, *leases]
         keys = self._keys
-        states = await self._shared.call("renew", lambda _: self._renew(keys=keys, args=args))
+        states = await self._shared.call(
+            "renew", lambda _: self._renew(keys=keys, args=args), background=True
+        )
         for lease, state in zip(leases, states, strict=True):
             if state in (b"r", "r") and lease in self._waiters:
                 self._wake(lease)
@@ -303,12 +325,23 @@ class FleetAdmission:
     def start(self) -> None:
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
 
+    async def _load_scripts(self) -> None:
+        """Cache the scripts in Redis ahead of the first request (else its EVALSHA misses)."""
+        for script in (ACQUIRE, RELEASE, RENEW):
+            await self._shared.call(
+                "script_load", lambda r, s=script: r.script_load(s), background=True
+            )
+
     async def _renew_loop(self) -> None:
         interval = max(0.2, self._ttl_ms / 3000)
+        with contextlib.suppress(SharedStateDown):
+            await self._load_scripts()
         while True:
             await asyncio.sleep(interval)
-            if self._held or self._waiters:
-                with contextlib.suppress(SharedStateDown):
+            with contextlib.suppress(SharedStateDown):
+                if self._unreleased:
+                    await self._release_now(list(self._unreleased))
+                if self._held or self._waiters:
                     await self.renew()
 
     async def close(self) -> None:
@@ -334,7 +367,7 @@ class FleetAdmission:
                 running, queued = await pipe.execute()
             return int(running), int(queued)
 
-        return await self._shared.call("counts", read)
+        return await self._shared.call("counts", read, background=True)
 
 
 async def _now_ms(redis: Any) -> int:

@@ -61,7 +61,7 @@ class ReplicaRegistry:
                 results = await pipe.execute()
             return int(results[-1])
 
-        count = await self._shared.call("heartbeat", write)
+        count = await self._shared.call("heartbeat", write, background=True)
         self.last_known_count = max(1, count)
         return count
 
@@ -77,7 +77,7 @@ class ReplicaRegistry:
             keys = [self._entry_key(i.decode()) for i in ids]
             return list(await redis.mget(keys))
 
-        raw = await self._shared.call("replicas", read)
+        raw = await self._shared.call("replicas", read, background=True)
         replicas = [orjson.loads(item) for item in raw if item is not None]
         return sorted(replicas, key=lambda r: r["id"])
 
@@ -92,7 +92,7 @@ class ReplicaRegistry:
                 await pipe.execute()
 
         with contextlib.suppress(SharedStateDown):
-            await self._shared.call("leave", remove)
+            await self._shared.call("leave", remove, background=True)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())

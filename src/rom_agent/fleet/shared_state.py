@@ -31,7 +31,12 @@ log = get_logger("rom_agent.fleet")
 T = TypeVar("T")
 
 CALL_TIMEOUT_S = 0.05  # tens of ms: Redis on the same network answers in well under 1 ms
-FAILURES_TO_OPEN = 2
+# Calls off the request path (release, renewal, heartbeat, publish, probe) may wait longer: on
+# a busy machine a 50 ms bound there mistook our own slow event loop for a Redis outage.
+BACKGROUND_TIMEOUT_S = 0.25
+# Consecutive failures (calls or probes) before Redis counts as down: one slow answer on a
+# busy machine is not an outage, a stalled Redis fails every call.
+FAILURES_TO_OPEN = 3
 PROBE_INTERVAL_S = 1.0
 POOL_SIZE = 16
 
@@ -54,9 +59,11 @@ class SharedState:
         self.prefix = prefix
         self._url = url
         self._timeout = call_timeout_s
+        self._background_timeout = max(call_timeout_s, BACKGROUND_TIMEOUT_S)
         self._on_error = on_error
         self._monotonic = monotonic
         self._failures = 0
+        self._last_failure_at = float("-inf")
         self._open = False
         self.up = True  # optimistic until the first probe says otherwise; startup never waits
         self.last_change = monotonic()
@@ -69,7 +76,7 @@ class SharedState:
             self._url,
             max_connections=POOL_SIZE,
             timeout=self._timeout,  # waiting for a free pooled connection is bounded too
-            socket_timeout=self._timeout,
+            socket_timeout=max(self._timeout, BACKGROUND_TIMEOUT_S),
             socket_connect_timeout=self._timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
@@ -95,22 +102,35 @@ class SharedState:
 
     # ------------------------------------------------------------------ calls
 
-    async def call(self, operation: str, command: Callable[[Redis], Awaitable[T]]) -> T:
-        """Run `command` against Redis within the timeout; `SharedStateDown` if it cannot."""
+    async def call(
+        self,
+        operation: str,
+        command: Callable[[Redis], Awaitable[T]],
+        *,
+        background: bool = False,
+    ) -> T:
+        """Run `command` against Redis within the timeout (`BACKGROUND_TIMEOUT_S` for calls
+        off the request path); `SharedStateDown` if it cannot."""
         if self._open:
             raise SharedStateDown(operation)
+        started = self._monotonic()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._background_timeout if background else self._timeout):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(operation, exc)
+            self._failed(operation, exc, started)
             raise SharedStateDown(operation) from None
         self._failures = 0
         return result
 
-    def _failed(self, operation: str, exc: BaseException) -> None:
+    def _failed(self, operation: str, exc: BaseException, started: float) -> None:
         if self._on_error is not None:
             self._on_error(operation)
+        if started < self._last_failure_at:
+            # In flight together with a failure already counted: one burst of concurrent
+            # calls timing out at once (a busy event loop) is one failure, not ten.
+            return
+        self._last_failure_at = self._monotonic()
         self._failures += 1
         if self._failures >= FAILURES_TO_OPEN and not self._open:
             self._open = True
@@ -137,15 +157,12 @@ class SharedState:
 
     async def probe_once(self) -> bool:
         """One ping outside the breaker; closes or opens it. True if Redis answered."""
+        started = self._monotonic()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._background_timeout):
                 await self.client.ping()
         except (RedisError, OSError, TimeoutError) as exc:
-            if self._on_error is not None:
-                self._on_error("ping")
-            self._failures = max(self._failures, FAILURES_TO_OPEN)
-            self._open = True
-            self._set_up(False, reason=f"ping: {type(exc).__name__}")
+            self._failed("ping", exc, started)
             return False
         self._failures = 0
         self._open = False

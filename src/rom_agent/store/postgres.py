@@ -68,28 +68,29 @@ class PostgresConversationStore:
     ) -> None:
         """Store a whole turn atomically; returns once it is committed."""
         now = datetime.now(UTC)
-        rows = [
-            (
-                conversation_id,
-                message.role,
-                orjson.dumps([_encode_block(block) for block in message.content]).decode(),
-                model if message.role == "assistant" else None,
-                now,
-            )
+        roles = [message.role for message in messages]
+        contents = [
+            orjson.dumps([_encode_block(block) for block in message.content]).decode()
             for message in messages
         ]
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(
-                "INSERT INTO conversations (id, created_at, updated_at) VALUES ($1, $2, $2)"
-                " ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
-                conversation_id,
-                now,
-            )
-            await connection.executemany(
-                "INSERT INTO messages (conversation_id, role, content, model, created_at)"
-                " VALUES ($1, $2, $3, $4, $5)",
-                rows,
-            )
+        models = [model if message.role == "assistant" else None for message in messages]
+        # One statement, one round trip, one implicit transaction: the conversation row and
+        # every message of the turn commit together (or not at all). `ordinality` keeps the
+        # turn's order in the serial ids.
+        await self._pool.execute(
+            "WITH upsert AS ("
+            " INSERT INTO conversations (id, created_at, updated_at) VALUES ($1, $2, $2)"
+            " ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at RETURNING id)"
+            " INSERT INTO messages (conversation_id, role, content, model, created_at)"
+            " SELECT upsert.id, m.role, m.content, m.model, $2"
+            " FROM upsert, unnest($3::text[], $4::jsonb[], $5::text[])"
+            " WITH ORDINALITY AS m(role, content, model, n) ORDER BY m.n",
+            conversation_id,
+            now,
+            roles,
+            contents,
+            models,
+        )
 
     async def get(self, conversation_id: str) -> list[StoredMessage] | None:
         async with self._pool.acquire() as connection:
