@@ -307,6 +307,8 @@ def test_breakers_are_listed_and_controlled_by_model_id(
     assert client.get("/admin/breakers").json()["breakers"][0] == {
         "model": "rom-sim-1",
         "state": "CLOSED",
+        "override": None,  # fleet mode only (REDIS_URL)
+        "hint": None,
     }
     opened = client.post("/admin/breakers/rom-sim-1/open")
     assert opened.status_code == 200
@@ -316,6 +318,8 @@ def test_breakers_are_listed_and_controlled_by_model_id(
         "previousState": "CLOSED",
         "state": "OPEN",
         "enabled": False,
+        "override": None,  # shared only in fleet mode
+        "replica": server.services.fleet.replica_id,
     }
     client.post("/admin/breakers/rom-sim-1/close")
     client.post("/admin/breakers/rom-sim-2/reset")

@@ -94,7 +94,7 @@ def create_services(
     bottleneck = Bottleneck(flags, clock, events)
     metrics.breaker_source = breakers
     metrics.admission_source = bottleneck
-    fleet = Fleet(settings, flags, bottleneck, metrics, clock)
+    fleet = Fleet(settings, flags, bottleneck, metrics, clock, breakers=breakers)
     pipeline = Pipeline(flags, providers, breakers, events, clock)
     tools = tools if tools is not None else default_registry(settings.kb_dir)
     agent = AgentLoop(tools, flags, events, clock)

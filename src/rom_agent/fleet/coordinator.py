@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from rom_agent import __version__
+from rom_agent.fleet.breaker_sync import BreakerSync
 from rom_agent.fleet.flag_sync import FlagSync
 from rom_agent.fleet.leases import FleetAdmission
 from rom_agent.fleet.replicas import ReplicaRegistry
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from rom_agent.flags import FlagStore
     from rom_agent.instrumentation.prometheus import PrometheusMetrics
     from rom_agent.resilience.bottleneck import Bottleneck
+    from rom_agent.resilience.breaker import BreakerRegistry
     from rom_agent.store.backend import StoreBackend
 
 log = get_logger("rom_agent.fleet")
@@ -46,6 +48,7 @@ class Fleet:
         bottleneck: Bottleneck,
         metrics: PrometheusMetrics | None = None,
         clock: Clock | None = None,
+        breakers: BreakerRegistry | None = None,
     ) -> None:
         self.replica_id = settings.replica_id or default_replica_id()
         self._flags = flags
@@ -56,6 +59,7 @@ class Fleet:
         self.shared: SharedState | None = None
         self.registry: ReplicaRegistry | None = None
         self.admission: FleetAdmission | None = None
+        self.breaker_sync: BreakerSync | None = None
         if settings.redis_url:
             self.shared = SharedState(
                 settings.redis_url, prefix=settings.fleet_key_prefix, on_error=self._count_error
@@ -72,6 +76,8 @@ class Fleet:
             bottleneck.remote = self.admission
             registry = self.registry
             bottleneck.replica_count = lambda: registry.last_known_count
+            if breakers is not None:
+                self.breaker_sync = BreakerSync(self.shared, breakers, flags, self.replica_id)
         self.flag_sync: FlagSync | None = None
         if metrics is not None:
             metrics.registry.register(_FleetCollector(self))
@@ -109,6 +115,8 @@ class Fleet:
             )
             if self.admission is not None:
                 self.flag_sync.handle("admission", self.admission.on_promoted)
+            if self.breaker_sync is not None:
+                self.breaker_sync.attach(self.flag_sync)
             self.flag_sync.start()
         if not shared_flags and self.shared is not None:
             log.warning(
@@ -120,9 +128,13 @@ class Fleet:
             self.registry.start()
             if self.admission is not None:
                 self.admission.start()
+            if self.breaker_sync is not None:
+                self.breaker_sync.start()
             log.info("fleet mode", replica=self.replica_id, prefix=self.shared.prefix)
 
     async def close(self) -> None:
+        if self.breaker_sync is not None:
+            await self.breaker_sync.close()
         if self.admission is not None:
             await self.admission.close()
         if self.flag_sync is not None:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = get_logger("rom_agent.fleet.admission")
 
+WARM_CONNECTIONS = 8
+
 
 _COMMON = """
 local t = redis.call('TIME')
@@ -162,6 +164,7 @@ class FleetAdmission:
         self._renew = shared.client.register_script(RENEW)
         self._held: set[str] = set()  # running leases of this replica
         self._unreleased: set[str] = set()  # given back while Redis did not answer
+        self._prepared = False
         self._waiters: dict[str, FleetWaiter] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -171,9 +174,7 @@ class FleetAdmission:
 
     def _on_shared_state(self, up: bool) -> None:
         if up and self._unreleased:  # Redis is back: return the stranded slots at once
-            task = asyncio.get_running_loop().create_task(
-                self._release_now(list(self._unreleased))
-            )
+            task = asyncio.get_running_loop().create_task(self._release_now(list(self._unreleased)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -325,20 +326,32 @@ class FleetAdmission:
     def start(self) -> None:
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
 
-    async def _load_scripts(self) -> None:
-        """Cache the scripts in Redis ahead of the first request (else its EVALSHA misses)."""
+    async def _prepare(self) -> None:
+        """Before the first request: cache the scripts in Redis (else its EVALSHA misses) and
+        open `WARM_CONNECTIONS` pooled connections. A burst would otherwise open them all at
+        once on the request path, and a TCP connect plus handshake on a busy machine does not
+        fit in the 50 ms bound: those requests fell back to local admission."""
         for script in (ACQUIRE, RELEASE, RENEW):
             await self._shared.call(
                 "script_load", lambda r, s=script: r.script_load(s), background=True
             )
+        await asyncio.gather(
+            *(
+                self._shared.call("warm", lambda r: r.ping(), background=True)
+                for _ in range(WARM_CONNECTIONS)
+            )
+        )
+        self._prepared = True
 
     async def _renew_loop(self) -> None:
         interval = max(0.2, self._ttl_ms / 3000)
         with contextlib.suppress(SharedStateDown):
-            await self._load_scripts()
+            await self._prepare()
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(SharedStateDown):
+                if not self._prepared:
+                    await self._prepare()
                 if self._unreleased:
                     await self._release_now(list(self._unreleased))
                 if self._held or self._waiters:

@@ -14,6 +14,7 @@ never waits for Redis: the loop simply starts with the breaker closed and finds 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,11 @@ CALL_TIMEOUT_S = 0.05  # tens of ms: Redis on the same network answers in well u
 # Calls off the request path (release, renewal, heartbeat, publish, probe) may wait longer: on
 # a busy machine a 50 ms bound there mistook our own slow event loop for a Redis outage.
 BACKGROUND_TIMEOUT_S = 0.25
+# Our own event loop's recent lateness is added to the bound: a timeout must mean "Redis did
+# not answer", not "this process was too busy to read the answer" (which, on a loaded
+# machine, sent whole bursts to the local fallback while Redis answered in a millisecond).
+LAG_SAMPLE_INTERVAL_S = 0.05
+MAX_LAG_ALLOWANCE_S = 0.45
 # Consecutive failures (calls or probes) before Redis counts as down: one slow answer on a
 # busy machine is not an outage, a stalled Redis fails every call.
 FAILURES_TO_OPEN = 3
@@ -68,6 +74,10 @@ class SharedState:
         self.up = True  # optimistic until the first probe says otherwise; startup never waits
         self.last_change = monotonic()
         self._probe: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        self._lags: collections.deque[float] = collections.deque(
+            maxlen=int(1 / LAG_SAMPLE_INTERVAL_S)
+        )
         self._listeners: list[Callable[[bool], None]] = []
         self.client = client if client is not None else self._new_client()
 
@@ -114,8 +124,9 @@ class SharedState:
         if self._open:
             raise SharedStateDown(operation)
         started = self._monotonic()
+        bound = self._background_timeout if background else self._timeout
         try:
-            async with asyncio.timeout(self._background_timeout if background else self._timeout):
+            async with asyncio.timeout(bound + self._loop_lag()):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(operation, exc, started)
@@ -170,7 +181,20 @@ class SharedState:
         return True
 
     def start(self) -> None:
-        self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
+        loop = asyncio.get_running_loop()
+        self._probe = loop.create_task(self._probe_loop())
+        self._lag_task = loop.create_task(self._lag_loop())
+
+    def _loop_lag(self) -> float:
+        """The worst lateness of this event loop over the last second, capped."""
+        return min(max(self._lags, default=0.0), MAX_LAG_ALLOWANCE_S)
+
+    async def _lag_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + LAG_SAMPLE_INTERVAL_S
+            await asyncio.sleep(LAG_SAMPLE_INTERVAL_S)
+            self._lags.append(max(0.0, loop.time() - expected))
 
     async def _probe_loop(self) -> None:
         while True:
@@ -178,10 +202,11 @@ class SharedState:
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        for task in (self._probe, self._lag_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(Exception):
             await self.client.aclose(close_connection_pool=True)
 

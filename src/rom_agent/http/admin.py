@@ -124,7 +124,31 @@ async def flag_history(request: Request) -> Response:
 
 
 async def get_breakers(request: Request) -> Response:
-    return json_response(services_of(request).breakers.snapshot())
+    """Local breaker states; in fleet mode also each model's override and live hint, and
+    which replica set them (breaker state itself is never shared)."""
+    services = services_of(request)
+    body = services.breakers.snapshot()
+    body["replica"] = services.fleet.replica_id
+    sync = services.fleet.breaker_sync
+    for entry in body["breakers"]:
+        entry.update(sync.view(entry["model"]) if sync else {"override": None, "hint": None})
+    return json_response(body)
+
+
+_MAX_OVERRIDE_S = 7 * 24 * 3600
+
+
+def _expires_in(request: Request) -> float | None:
+    raw = request.query_params.get("expiresInS")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= _MAX_OVERRIDE_S:
+        raise invalid(f"expiresInS: expected seconds between 0 and {_MAX_OVERRIDE_S}")
+    return value
 
 
 async def breaker_action(request: Request) -> Response:
@@ -137,9 +161,15 @@ async def breaker_action(request: Request) -> Response:
     if model not in {ref.id for ref in services.chain}:
         known = ", ".join(ref.id for ref in services.chain)
         raise ApiError(404, "NOT_FOUND", f"unknown model {model!r}; known models: {known}")
+    expires_in_s = _expires_in(request)
     old = _breaker_state(services, model)
     getattr(services.breakers, method)(model)
     new = _breaker_state(services, model)
+    override = None
+    if services.fleet.breaker_sync is not None:  # fleet-wide within a second
+        override = await services.fleet.breaker_sync.publish_override(
+            model, action, client=client_of(request), expires_in_s=expires_in_s
+        )
     await services.flags.record(
         f"breaker_{action}",
         {"state": {"old": old, "new": new}},
@@ -154,6 +184,8 @@ async def breaker_action(request: Request) -> Response:
             "previousState": old,
             "state": new,
             "enabled": services.flags.current.enable_circuit_breaker,
+            "override": override,
+            "replica": services.fleet.replica_id,
         }
     )
 

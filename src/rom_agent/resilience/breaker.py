@@ -358,6 +358,15 @@ class CircuitBreaker:
     def _idle(self) -> _BreakerState:
         return _Closed() if self._flags.current.enable_circuit_breaker else _Disabled()
 
+    def hint_half_open(self, why: str) -> bool:
+        """A peer replica saw this model fail provider-wide (fleet hint): from CLOSED, go to
+        HALF_OPEN so only the half-open number of probes reach it and the rest fall back.
+        True if the state changed."""
+        if not isinstance(self._state, _Closed):
+            return False
+        self._become(_HalfOpen(), why)
+        return True
+
     # ------------------------------------------------------------------ transitions
 
     def _refresh(self, now: float, settings: Settings) -> _BreakerState:
