@@ -182,7 +182,7 @@ def breaker(replica: Replica, model: str) -> dict[str, object]:
 def test_a_breaker_forced_open_on_one_replica_rejects_on_the_others(fleet: Fleet) -> None:
     one, two, three = fleet.replicas
     with one.client(TOKEN) as http:
-        forced = http.post("/admin/breakers/rom-sim-1/open?expiresInS=3")
+        forced = http.post("/admin/breakers/rom-sim-1/open")
     assert forced.status_code == 200 and forced.json()["override"]["replica"] == "r1"
     for other in (two, three):
         wait_for(lambda o=other: breaker(o, "rom-sim-1")["state"] == "OPEN", 1.0, other.name)
@@ -190,9 +190,12 @@ def test_a_breaker_forced_open_on_one_replica_rejects_on_the_others(fleet: Fleet
         assert shown["override"]["action"] == "open" and shown["override"]["replica"] == "r1"
         answer = httpx.post(other.url + "/api/chat", json={"message": "hi"}, timeout=30).json()
         assert answer["modelUsed"] == "rom-sim-2" and answer["fallbackUsed"] is True
-    # The override expires everywhere; the breakers go back to normal operation.
+    # Set again from r2 with an expiry: when it passes, every replica is back to normal.
+    with two.client(TOKEN) as http:
+        forced = http.post("/admin/breakers/rom-sim-1/open?expiresInS=1")
+    assert forced.json()["override"]["replica"] == "r2"
     for replica in (one, two, three):
-        wait_for(lambda r=replica: breaker(r, "rom-sim-1")["state"] == "CLOSED", 6, replica.name)
+        wait_for(lambda r=replica: breaker(r, "rom-sim-1")["state"] == "CLOSED", 5, replica.name)
         assert breaker(replica, "rom-sim-1")["override"] is None
 
 

@@ -43,6 +43,7 @@ class FlagSync:
         self._replica_id = replica_id
         self._poll_interval_s = poll_interval_s
         self._tasks: list[asyncio.Task[None]] = []
+        self._publishing: set[asyncio.Task[bool]] = set()
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._again = False
@@ -92,8 +93,8 @@ class FlagSync:
 
     def _publish_soon(self, version: int) -> None:
         task = asyncio.get_running_loop().create_task(self.publish("flags", {"version": version}))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     def _refresh_soon(self) -> None:
         # A notice arriving during a refresh may name a version that refresh already missed:

@@ -205,7 +205,13 @@ class FleetAdmission:
         fleet's queue is full."""
         settings = self._flags.current
         lease = f"{self._replica_id}:{next(self._ids)}"
-        args = [self._ttl_ms, settings.max_concurrent, settings.max_queue, self._channel, lease]
+        args: list[str | int] = [
+            self._ttl_ms,
+            settings.max_concurrent,
+            settings.max_queue,
+            self._channel,
+            lease,
+        ]
         keys = self._keys
         try:
             result = await self._shared.call(
@@ -296,7 +302,7 @@ class FleetAdmission:
 
     async def _release_now(self, leases: list[str]) -> None:
         settings = self._flags.current
-        args = [self._ttl_ms, settings.max_concurrent, self._channel, *leases]
+        args: list[str | int] = [self._ttl_ms, settings.max_concurrent, self._channel, *leases]
         keys = self._keys
         try:
             result = await self._shared.call(
@@ -314,7 +320,7 @@ class FleetAdmission:
         """Extend every lease of this replica; wake waiters whose promotion message was lost."""
         leases = [*self._held, *self._waiters]
         settings = self._flags.current
-        args = [self._ttl_ms, settings.max_concurrent, self._channel, *leases]
+        args: list[str | int] = [self._ttl_ms, settings.max_concurrent, self._channel, *leases]
         keys = self._keys
         states = await self._shared.call(
             "renew", lambda _: self._renew(keys=keys, args=args), background=True
@@ -332,9 +338,11 @@ class FleetAdmission:
         once on the request path, and a TCP connect plus handshake on a busy machine does not
         fit in the 50 ms bound: those requests fell back to local admission."""
         for script in (ACQUIRE, RELEASE, RENEW):
-            await self._shared.call(
-                "script_load", lambda r, s=script: r.script_load(s), background=True
-            )
+
+            async def load(redis: Any, text: str = script) -> None:
+                await redis.script_load(text)
+
+            await self._shared.call("script_load", load, background=True)
         await asyncio.gather(
             *(
                 self._shared.call("warm", lambda r: r.ping(), background=True)

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 from rom_agent.logs import get_logger
 
 if TYPE_CHECKING:
+    from typing import Any
+
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    Connection = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
 log = get_logger("rom_agent.store.migrations")
 
@@ -100,7 +105,7 @@ MIGRATIONS: tuple[Migration, ...] = (
 LATEST = MIGRATIONS[-1].version
 
 
-async def applied_versions(connection: asyncpg.Connection) -> list[int]:
+async def applied_versions(connection: Connection) -> list[int]:
     exists = await connection.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     if not exists:
         return []
@@ -108,7 +113,7 @@ async def applied_versions(connection: asyncpg.Connection) -> list[int]:
     return [row["version"] for row in rows]
 
 
-async def migrate(connection: asyncpg.Connection, *, target: int = LATEST) -> list[int]:
+async def migrate(connection: Connection, *, target: int = LATEST) -> list[int]:
     """Apply every migration up to `target` not applied yet; the versions applied now."""
     applied_now: list[int] = []
     async with connection.transaction():
