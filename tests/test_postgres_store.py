@@ -248,7 +248,7 @@ def test_migrate_command_and_two_replicas_starting_at_once_on_an_empty_database(
 
     def start(replica: ServiceProcess) -> None:
         try:
-            replica.start()
+            replica.start(timeout=60)  # two cold starts at once on a busy machine
         except BaseException as exc:
             errors.append(exc)
 
