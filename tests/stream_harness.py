@@ -119,6 +119,7 @@ class FaultRow:
     model: str
     upstream: dict[str, int]  # model -> requests received
     note: str = ""
+    before: str = ""  # the same fault with continuation and hedging off, when compared
 
 
 ROWS: list[FaultRow] = []
@@ -199,6 +200,20 @@ class Fault:
     recoverable: bool = True
     id: str = ""
     usage: tuple[int, int] | None = None  # (input, output) the client must be told, if set
+    # Stream failover (issue 16):
+    expected: str | None = None  # the complete answer (default: the answering model's text)
+    committed_by: str | None = None  # whose first chunk reached the client (default: `model`)
+    prefills: tuple[int, int] = (0, 0)  # prefilled requests received by (primary, backup)
+    settings: tuple[tuple[str, Any], ...] = ()  # gateway settings of this row
+    compare: bool = False  # also run it with continuation and hedging off: the "before"
+
+    def expected_text(self) -> str:
+        if self.expected is not None:
+            return self.expected
+        return PRIMARY_TEXT if self.model == "primary" else BACKUP_TEXT
+
+    def first_model(self) -> str | None:
+        return self.committed_by or self.model
 
 
 CONTEXT = "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
@@ -284,45 +299,122 @@ OPENAI_FAULTS = [
         counted=1,
         id="slow-first-token",
     ),
+    # After the commit point: continued (issue 16). "once" = the next request to that model
+    # is fine; the fake upstreams are deterministic, so a restart re-produces the same text.
     Fault(
-        "cut mid-stream (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
-        outcome="STREAM_INTERRUPTED",
-        chunks=2,
+        "cut mid-stream (after 2 chunks), once: same model continues",
+        script=(Behaviour(text=PRIMARY_TEXT, cut_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="cut-mid-stream",
     ),
     Fault(
-        "stall mid-stream (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, stall_after=2),
-        outcome="STREAM_IDLE_TIMEOUT",
-        chunks=2,
+        "stall mid-stream (after 2 chunks), once",
+        script=(Behaviour(text=PRIMARY_TEXT, stall_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="stall-mid-stream",
     ),
     Fault(
-        "malformed chunk (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, malformed_after=2),
-        outcome="STREAM_INTERRUPTED",
-        chunks=2,
+        "malformed chunk (after 2 chunks), once",
+        script=(Behaviour(text=PRIMARY_TEXT, malformed_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="malformed-chunk",
     ),
     Fault(
-        "in-stream error object (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, stream_error_after=2),
-        outcome="STREAM_INTERRUPTED",
-        chunks=2,
+        "in-stream error object (after 2 chunks), once",
+        script=(Behaviour(text=PRIMARY_TEXT, stream_error_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="in-stream-error",
     ),
     Fault(
-        "missing terminator (all text, no finish_reason/`[DONE]`)",
-        persistent=Behaviour(text=PRIMARY_TEXT, missing_terminator=True),
-        outcome="STREAM_INTERRUPTED",
-        chunks=PRIMARY_CHUNKS,
+        "missing terminator (all text, no `finish_reason`, clean end), once",
+        script=(Behaviour(text=PRIMARY_TEXT, missing_terminator=True),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="missing-terminator",
+    ),
+    Fault(
+        "cut mid-stream, every time; the fallback gives the same answer: fallback continues",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        backup=Behaviour(text=PRIMARY_TEXT),
+        model="backup",
+        committed_by="primary",
+        expected=PRIMARY_TEXT,
+        requests=(2, 1),
+        counted=2,
+        compare=True,
+        id="cut-fallback-continues",
+    ),
+    Fault(
+        "cut mid-stream, every time; the fallback's answer diverges",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        outcome="STREAM_INTERRUPTED",
+        chunks=2,
+        requests=(2, 1),
+        counted=2,
+        compare=True,
+        id="cut-fallback-diverges",
+    ),
+    Fault(
+        "cut mid-stream; the fallback rejects prefills and is not declared: restarted, no prefill",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        backup=Behaviour(text=PRIMARY_TEXT, prefill="reject"),
+        model="backup",
+        committed_by="primary",
+        expected=PRIMARY_TEXT,
+        requests=(2, 1),
+        counted=2,
+        id="prefill-rejecting-fallback-undeclared",
+    ),
+    Fault(
+        "cut mid-stream; the fallback is declared prefill-capable but rejects it (400)",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        backup=Behaviour(text=PRIMARY_TEXT, prefill="reject"),
+        outcome="STREAM_INTERRUPTED",
+        chunks=2,
+        requests=(2, 1),
+        prefills=(0, 1),
+        counted=2,
+        settings=(("prefill_models", "openai/backup"),),
+        id="prefill-rejected-by-declared-fallback",
+    ),
+    Fault(
+        "cut mid-stream; the fallback is declared prefill-capable: prefill continuation",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        backup=Behaviour(text=PRIMARY_TEXT, prefill="continue"),
+        model="backup",
+        committed_by="primary",
+        expected=PRIMARY_TEXT,
+        requests=(2, 1),
+        prefills=(0, 1),
+        counted=2,
+        settings=(("prefill_models", "openai/backup"),),
+        id="prefill-fallback-continues",
+    ),
+    Fault(
+        "silent primary, hedge after 0.1 s (`HEDGE_DELAY_S`): the hedge wins",
+        persistent=Behaviour(delay_s=30),
+        model="backup",
+        requests=(1, 1),
+        counted=0,
+        settings=(("hedge_delay_s", 0.1), ("first_token_timeout_s", 2.0)),
+        compare=True,
+        id="silent-primary-hedged",
+    ),
+    Fault(
+        "slow but healthy primary (first token after 0.05 s, under a 0.5 s hedge delay)",
+        persistent=Behaviour(text=PRIMARY_TEXT, first_byte_delay_s=0.05),
+        requests=(1, 0),
+        settings=(("hedge_delay_s", 0.5), ("first_token_timeout_s", 2.0)),
+        id="slow-primary-not-hedged",
     ),
     Fault(
         "`finish_reason` and usage, then a clean end without `[DONE]`",

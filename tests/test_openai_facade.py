@@ -26,6 +26,7 @@ from tests.gates import wait_until
 from tests.stream_harness import (
     BACKUP_TEXT,
     CLIENT_OUTCOMES,
+    MODELS,
     OPENAI_CODES,
     OPENAI_FAULTS,
     PRIMARY_TEXT,
@@ -218,7 +219,8 @@ def test_fault_matrix_streaming_with_the_sdk(
     received: list[str] = []
     models: set[str] = set()
     raised: openai.APIError | None = None
-    with gateway(tmp_path, fake, enable_circuit_breaker=True) as app:
+    settings = dict(fault.settings)
+    with gateway(tmp_path, fake, enable_circuit_breaker=True, **settings) as app:
         client = sdk(app.url, recorder)
         try:
             stream = client.chat.completions.create(model="primary", messages=HELLO, stream=True)
@@ -233,10 +235,12 @@ def test_fault_matrix_streaming_with_the_sdk(
     body = recorder.bodies[0]
     text = "".join(received)
 
+    prefilled = tuple(sum(p is not None for p in fake.prefills_for(m)) for m in MODELS)
     if fault.outcome == "done":
         assert raised is None
-        assert text == expected_text(fault)
-        assert models == {fault.model}
+        assert text == fault.expected_text()  # nothing duplicated, nothing spliced
+        # One completion, one model: the one whose first chunk committed the stream.
+        assert models == {fault.first_model()}
         assert raw_chunks(body)[-1] == "[DONE]"
         saw = f"role, chunk×{len(received)}, finish `stop`, `[DONE]`"
         sdk_saw = "iterates to the end"
@@ -265,10 +269,13 @@ def test_fault_matrix_streaming_with_the_sdk(
         saw = f"JSON error {fault.outcome}, no stream"
         sdk_saw = f"`{name}` from create()"
     assert (counts["primary"], counts["backup"]) == fault.requests
+    assert prefilled == fault.prefills
     assert counted == fault.counted
 
     if fault.outcome == "done":
         complete, model = "yes", fault.model or "—"
+        if fault.first_model() != fault.model:
+            model = f"{fault.first_model()} → {model}"
     else:
         complete = "no" if text else "—"
         model = "primary (cut)" if text else "—"
@@ -281,7 +288,8 @@ def test_fault_matrix_streaming_with_the_sdk(
             complete=complete,
             model=model,
             upstream=counts,
-            note=f"primary breaker counted {int(counted)}",
+            note=f"primary breaker counted {int(counted)}"
+            + (f"; prefills received: backup {prefilled[1]}" if any(prefilled) else ""),
         )
     )
 

@@ -164,7 +164,8 @@ async def test_every_model_open_raises_before_any_item() -> None:
 
 
 async def test_cut_after_the_first_chunk_is_an_interruption_never_a_retry() -> None:
-    h = make_harness(enable_circuit_breaker=True)
+    # Continuation off: the stream ends with the in-band error (continuation: test_failover.py).
+    h = make_harness(enable_circuit_breaker=True, enable_stream_continuation=False)
     h.provider.script("rom-sim-1", Stream.of("a", "b", transient(503)))
     items, error = await consume(h)
     assert texts(items) == ["a", "b"]
@@ -187,7 +188,9 @@ async def test_model_error_mid_stream_interrupts_but_is_not_counted() -> None:
 
 
 async def test_idle_stall_after_the_first_chunk() -> None:
-    h = make_harness(enable_circuit_breaker=True, stream_idle_timeout_s=7)
+    h = make_harness(
+        enable_circuit_breaker=True, stream_idle_timeout_s=7, enable_stream_continuation=False
+    )
     h.provider.script("rom-sim-1", Stream.of("a", 6.0, "b", HANG))
     start = h.clock.now()
     items, error = await consume(h)

@@ -23,9 +23,8 @@ from tests.fakes.bedrock_server import FakeBedrock
 from tests.fakes.openai_server import FakeOpenAI
 from tests.gates import wait_until
 from tests.stream_harness import (
-    BACKUP_TEXT,
+    MODELS,
     OPENAI_FAULTS,
-    PRIMARY_CHUNKS,
     PRIMARY_TEXT,
     Fault,
     FaultRow,
@@ -122,6 +121,40 @@ def test_sse_events_are_exactly_the_specs(tmp_path: Path, openai_fake: FakeOpenA
 # --------------------------------------------------------------------------- the fault matrix
 
 
+def stage(fault: Fault, primary_fake: FakeUpstream, backup_fake: FakeUpstream) -> None:
+    """Fresh fakes scripted for `fault`."""
+    prime(primary_fake, backup_fake)
+    if fault.script:
+        primary_fake.script(fault.script, model="primary")
+    if fault.persistent is not None:
+        primary_fake.model_defaults["primary"] = fault.persistent
+    if fault.backup is not None:
+        backup_fake.model_defaults["backup"] = fault.backup
+
+
+def before_status(
+    tmp_path: Path,
+    fault: Fault,
+    primary_fake: FakeUpstream,
+    backup_fake: FakeUpstream,
+    **overrides: Any,
+) -> str:
+    """What the same fault did with continuation and hedging off (the behaviour before
+    issue 16), from a real run: not asserted, recorded for the table."""
+    stage(fault, primary_fake, backup_fake)
+    values = {**overrides, **dict(fault.settings)}
+    values.update(enable_stream_continuation=False, enable_hedging=False)
+    with gateway(tmp_path / "before", backup_fake, enable_circuit_breaker=True, **values) as app:
+        with app.client() as client:
+            _, raw = post_stream(client, {"message": "hi", "conversationId": "c-0"})
+        counted = breaker_failures(app.services, "primary")
+    events = sse_events(raw)
+    counts = upstream_counts(primary_fake, backup_fake)
+    complete = "complete" if events[-1]["type"] == "done" else "cut"
+    upstream = " · ".join(f"{model} {n}" for model, n in counts.items())
+    return f"{compact_events(events)} ({complete}; {upstream}; counted {int(counted)})"
+
+
 def run_fault(
     tmp_path: Path,
     fault: Fault,
@@ -131,21 +164,22 @@ def run_fault(
     **overrides: Any,
 ) -> None:
     """Run one fault through the stream route; `backup_fake` serves the OpenAI provider."""
-    prime(primary_fake, backup_fake)
-    if fault.script:
-        primary_fake.script(fault.script, model="primary")
-    if fault.persistent is not None:
-        primary_fake.model_defaults["primary"] = fault.persistent
-    if fault.backup is not None:
-        backup_fake.model_defaults["backup"] = fault.backup
-    backup_text = BACKUP_TEXT
-    with gateway(tmp_path, backup_fake, enable_circuit_breaker=True, **overrides) as app:
+    before = ""
+    if fault.compare:
+        before = before_status(tmp_path, fault, primary_fake, backup_fake, **overrides)
+    stage(fault, primary_fake, backup_fake)
+    values = {**overrides, **dict(fault.settings)}
+    with gateway(tmp_path, backup_fake, enable_circuit_breaker=True, **values) as app:
         with app.client() as client:
             response, raw = post_stream(client, {"message": "hi", "conversationId": "c-1"})
             stored = client.get("/api/conversations/c-1")
         counted = breaker_failures(app.services, "primary")
     counts = upstream_counts(primary_fake, backup_fake)
     requests = (counts["primary"], counts["backup"])
+    prefilled = tuple(
+        sum(p is not None for f in {primary_fake, backup_fake} for p in f.prefills_for(model))
+        for model in MODELS
+    )
 
     assert response.status_code == 200, raw
     events = sse_events(raw)
@@ -154,7 +188,8 @@ def run_fault(
     text = streamed_text(events)
     if fault.outcome == "done":
         assert last["type"] == "done"
-        expected = PRIMARY_TEXT if fault.model == "primary" else backup_text
+        expected = fault.expected_text()
+        # Exactly the canonical answer: nothing duplicated, nothing spliced.
         assert text == last["content"] == expected
         assert last["model"] == fault.model
         assert last["fallbackUsed"] is (fault.model != "primary")
@@ -164,7 +199,11 @@ def run_fault(
                 "outputTokens": fault.usage[1],
                 "totalTokens": sum(fault.usage),
             }
-        # A complete streamed turn is stored, answer and model included.
+        else:
+            # What was billed: only the attempt that finished reported usage (a cut stream's
+            # usage never arrives), so continuing does not inflate it.
+            assert last["usage"] == {"inputTokens": 12, "outputTokens": 7, "totalTokens": 19}
+        # A complete streamed turn is stored once, answer and model included.
         assert stored.status_code == 200
         messages = stored.json()["messages"]
         assert [m["role"] for m in messages] == ["user", "assistant"]
@@ -183,14 +222,19 @@ def run_fault(
         # A cut turn is not stored: no half answer in the history.
         assert stored.status_code == 404
     assert requests == fault.requests
+    assert prefilled == fault.prefills  # never a prefill to a model not declared able
     assert counted == fault.counted
 
     complete = "yes" if last["type"] == "done" else ("no" if text else "—")
     model = last.get("model", "—") if last["type"] == "done" else "—"
     if last["type"] == "error" and text:
         model = "primary (cut)"
+    elif fault.first_model() != fault.model and last["type"] == "done":
+        model = f"{fault.first_model()} → {model}"
     note = f"primary breaker counted {int(counted)}"
     note += "; stored" if stored.status_code == 200 else "; not stored"
+    if any(prefilled):
+        note += f"; prefills received: primary {prefilled[0]}, backup {prefilled[1]}"
     record(
         FaultRow(
             fault=fault.name,
@@ -201,6 +245,7 @@ def run_fault(
             model=model,
             upstream=counts,
             note=note,
+            before=before,
         )
     )
 
@@ -239,44 +284,90 @@ BEDROCK_FAULTS = [
         id="slow-first-token",
     ),
     Fault(
-        "Bedrock cut mid-stream (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
-        outcome="STREAM_INTERRUPTED",
-        chunks=2,
+        "Bedrock cut mid-stream (after 2 chunks), once: same model continues (restart)",
+        script=(Behaviour(text=PRIMARY_TEXT, cut_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="cut-mid-stream",
     ),
     Fault(
-        "Bedrock stall mid-stream (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, stall_after=2),
-        outcome="STREAM_IDLE_TIMEOUT",
-        chunks=2,
+        "Bedrock stall mid-stream (after 2 chunks), once",
+        script=(Behaviour(text=PRIMARY_TEXT, stall_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="stall-mid-stream",
     ),
     Fault(
-        "Bedrock frame with a bad CRC (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, malformed_after=2),
-        outcome="STREAM_INTERRUPTED",
-        chunks=2,
+        "Bedrock frame with a bad CRC (after 2 chunks), once",
+        script=(Behaviour(text=PRIMARY_TEXT, malformed_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="bad-crc",
     ),
     Fault(
-        "Bedrock `modelStreamErrorException` frame (after 2 chunks)",
-        persistent=Behaviour(text=PRIMARY_TEXT, stream_error_after=2),
-        outcome="STREAM_INTERRUPTED",
-        chunks=2,
+        "Bedrock `modelStreamErrorException` frame (after 2 chunks), once",
+        script=(Behaviour(text=PRIMARY_TEXT, stream_error_after=2),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="in-stream-exception",
     ),
     Fault(
-        "Bedrock missing `messageStop`",
-        persistent=Behaviour(text=PRIMARY_TEXT, missing_terminator=True),
-        outcome="STREAM_INTERRUPTED",
-        chunks=PRIMARY_CHUNKS,
+        "Bedrock missing `messageStop`, once",
+        script=(Behaviour(text=PRIMARY_TEXT, missing_terminator=True),),
+        requests=(2, 0),
         counted=1,
+        compare=True,
         id="missing-terminator",
+    ),
+    Fault(
+        "Bedrock `messageStop` without the `metadata` frame (clean end)",
+        persistent=Behaviour(text=PRIMARY_TEXT, omit_done=True),
+        usage=(0, 0),
+        id="no-metadata",
+    ),
+    Fault(
+        "Bedrock model declared prefill-capable (`PREFILL_MODELS`), cut once: prefill continuation",
+        script=(Behaviour(text=PRIMARY_TEXT, cut_after=2),),
+        requests=(2, 0),
+        prefills=(1, 0),
+        counted=1,
+        settings=(("prefill_models", "bedrock/primary"),),
+        compare=True,
+        id="prefill-same-model",
+    ),
+    Fault(
+        "Bedrock cut every time; OpenAI fallback with the same answer continues (restart)",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        backup=Behaviour(text=PRIMARY_TEXT),
+        model="backup",
+        committed_by="primary",
+        expected=PRIMARY_TEXT,
+        requests=(2, 1),
+        counted=2,
+        compare=True,
+        id="cut-fallback-continues",
+    ),
+    Fault(
+        "Bedrock cut every time; the OpenAI fallback's answer diverges",
+        persistent=Behaviour(text=PRIMARY_TEXT, cut_after=2),
+        outcome="STREAM_INTERRUPTED",
+        chunks=2,
+        requests=(2, 1),
+        counted=2,
+        id="cut-fallback-diverges",
+    ),
+    Fault(
+        "Bedrock silent, hedge after 0.1 s: the OpenAI hedge wins",
+        persistent=Behaviour(delay_s=30),
+        model="backup",
+        requests=(1, 1),
+        settings=(("hedge_delay_s", 0.1), ("first_token_timeout_s", 2.0)),
+        compare=True,
+        id="silent-primary-hedged",
     ),
     Fault(
         "Bedrock input too long (400 `ValidationException`)",
@@ -334,7 +425,9 @@ def test_a_cut_turn_leaves_no_trace_in_the_history(tmp_path: Path, openai_fake: 
         _, raw = post_stream(client, {"message": "first question", "conversationId": "h-1"})
         assert sse_events(raw)[-1]["type"] == "done"
 
-        openai_fake.script(Behaviour(text=PRIMARY_TEXT, cut_after=3), model="primary")
+        # Cut, and cut again on the restart; the backup's answer diverges: nobody can finish.
+        cut = Behaviour(text=PRIMARY_TEXT, cut_after=3)
+        openai_fake.script([cut, cut], model="primary")
         _, raw = post_stream(client, {"message": "second question", "conversationId": "h-1"})
         events = sse_events(raw)
         assert events[-1]["type"] == "error" and streamed_text(events)
@@ -347,6 +440,21 @@ def test_a_cut_turn_leaves_no_trace_in_the_history(tmp_path: Path, openai_fake: 
         post_stream(client, {"message": "third question", "conversationId": "h-1"})
         sent = openai_fake.requests_for("primary")[-1].json["messages"]
         assert [m["content"] for m in sent] == ["first question", PRIMARY_TEXT, "third question"]
+
+
+def test_a_continued_turn_is_stored_once_and_complete(
+    tmp_path: Path, openai_fake: FakeOpenAI
+) -> None:
+    prime(openai_fake)
+    openai_fake.script(Behaviour(text=PRIMARY_TEXT, cut_after=3), model="primary")
+    with gateway(tmp_path, openai_fake) as app, app.client() as client:
+        _, raw = post_stream(client, {"message": "question", "conversationId": "k-1"})
+        assert sse_events(raw)[-1]["type"] == "done"
+        history = client.get("/api/conversations/k-1").json()["messages"]
+        assert [m["content"] for m in history] == ["question", PRIMARY_TEXT]
+        post_stream(client, {"message": "next", "conversationId": "k-1"})
+    sent = openai_fake.requests_for("primary")[-1].json["messages"]
+    assert [m["content"] for m in sent] == ["question", PRIMARY_TEXT, "next"]
 
 
 # --------------------------------------------------------------------------- tools in a stream

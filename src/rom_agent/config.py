@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     first_token_timeout_s: float = Field(20.0, gt=0, le=3600)
     stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
 
+    # Stream failover (issue 16; choices in docs/decisions.md "Stream failover")
+    enable_stream_continuation: StrictBool = True
+    prefill_models: CsvList = ("bedrock/anthropic.*", "bedrock/*.anthropic.*")
+    enable_hedging: StrictBool = True
+    hedge_delay_s: float = Field(0.0, ge=0, le=3600)  # 0: learnt from the model's TTFT p95
+    hedge_budget_ratio: float = Field(0.1, ge=0, le=1)
+
     # Models and providers
     model_chain: ModelChain = ("simulator/rom-sim-1", "simulator/rom-sim-2")
     aws_region: str = "us-west-2"

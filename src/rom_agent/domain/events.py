@@ -68,6 +68,26 @@ class StreamInterrupted:
     request_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StreamContinued:
+    """A continuation attempt of a cut stream on `model`. strategy: restart | prefill.
+    outcome: started | succeeded | diverged (a restart that did not re-produce the text sent)
+    | failed (the attempt could not be made or broke before finishing)."""
+
+    model: str
+    strategy: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeSettled:
+    """A first-token hedge of `model` (the slow one). outcome: started | hedge_won |
+    primary_won | budget_exhausted."""
+
+    model: str
+    outcome: str
+
+
 # --------------------------------------------------------------------------- breakers
 
 
@@ -168,6 +188,8 @@ Event = (
     | AttemptFinished
     | FirstToken
     | StreamInterrupted
+    | StreamContinued
+    | HedgeSettled
     | BreakerCallRecorded
     | BreakerTransitioned
     | RetryScheduled

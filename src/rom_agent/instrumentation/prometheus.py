@@ -41,10 +41,12 @@ from rom_agent.domain.events import (
     FallbackSucceeded,
     FirstToken,
     GuardrailTriggered,
+    HedgeSettled,
     HttpRequestServed,
     RetryAfterGiven,
     RetryBudgetExhausted,
     RetryScheduled,
+    StreamContinued,
 )
 from rom_agent.flags import FlagStore
 
@@ -197,6 +199,20 @@ class PrometheusMetrics:
         self.retry_budget_exhausted = Counter(
             "retry_budget_exhausted", "Retries refused by the retry budget", ["model"], registry=r
         )
+        self.stream_continuation = Counter(
+            "stream_continuation",
+            "Continuations of cut streams, by continuing model, strategy and outcome "
+            "(started, succeeded, diverged, failed)",
+            ["operation", "model", "strategy", "outcome"],
+            registry=r,
+        )
+        self.hedge = Counter(
+            "hedge",
+            "First-token hedges of a slow model, by outcome "
+            "(started, hedge_won, primary_won, budget_exhausted)",
+            ["operation", "model", "outcome"],
+            registry=r,
+        )
         self.guardrails_triggered = Counter(
             "guardrails_triggered", "Guardrail events, by reason", ["reason"], registry=r
         )
@@ -247,6 +263,8 @@ class PrometheusMetrics:
             AdmissionDenied: self._on_admission_rejected,
             RetryScheduled: self._on_retry,
             RetryBudgetExhausted: self._on_retry_budget_exhausted,
+            StreamContinued: self._on_stream_continued,
+            HedgeSettled: self._on_hedge,
             GuardrailTriggered: self._on_guardrail,
             AttemptFinished: self._on_attempt_finished,
             HttpRequestServed: self._on_http_request,
@@ -358,6 +376,13 @@ class PrometheusMetrics:
 
     def _on_retry_budget_exhausted(self, event: RetryBudgetExhausted) -> None:
         self._child(self.retry_budget_exhausted, event.model).inc()
+
+    def _on_stream_continued(self, event: StreamContinued) -> None:
+        labels = (OPERATION, event.model, event.strategy, event.outcome)
+        self._child(self.stream_continuation, *labels).inc()
+
+    def _on_hedge(self, event: HedgeSettled) -> None:
+        self._child(self.hedge, OPERATION, event.model, event.outcome).inc()
 
     def _on_guardrail(self, event: GuardrailTriggered) -> None:
         self._child(self.guardrails_triggered, event.reason).inc()

@@ -74,6 +74,14 @@ class _LeaveModel(Exception):
         self.retry_after_s = retry_after_s
 
 
+class RetryRefused(Exception):
+    """The retry budget has no room for another attempt on `model`."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"retry budget of {model} exhausted")
+        self.model = model
+
+
 class AttemptRunner:
     """Walks a call down its chain, one attempt at a time, and reports every outcome."""
 
@@ -111,6 +119,23 @@ class AttemptRunner:
             run.succeeded(index)
             return result, index
         raise run.exhausted()
+
+    async def single(
+        self, call: ModelCall, run: ChainRun, model: ModelRef, once: AttemptBody[T]
+    ) -> T:
+        """Exactly one attempt on `model`, outside the walk (a stream continuation): the
+        breaker must admit it (`BreakerOpen` otherwise) and the retry budget must have room
+        (`RetryRefused` otherwise); failures are settled as in the walk and raised."""
+        provider = self._providers.get(model.provider)
+        if provider is None:
+            raise ProviderError(ErrorKind.MODEL, f"provider {model.provider!r} is not configured")
+        settings = self.flags.current
+        permit = self._breakers.acquire(model.id)
+        if not self._retry.spend(model.id, settings):
+            permit.record_ignored()
+            raise RetryRefused(model.id)
+        run.attempts += 1
+        return await self._attempt(call, run, model, provider, permit, settings, once)
 
     async def _try_model(
         self, call: ModelCall, run: ChainRun, index: int, model: ModelRef, once: AttemptBody[T]

@@ -6,8 +6,10 @@
               → attempt timeout: min(ATTEMPT_TIMEOUT_S, time left to the request deadline)
                   → fault plan (drills only) → provider      (timeouts.py, faults.py)
 
-Streams add a commit point and a post-commit state machine (stream.py). This module is the
-facade the agent loop and the OpenAI facade call; it holds no logic of its own beyond wiring.
+Streams add a commit point and a post-commit state machine (stream.py), a hedged first token
+(hedge.py) and mid-stream continuation (continuation.py), put together in failover.py. This
+module is the facade the agent loop and the OpenAI facade call; it holds no logic of its own
+beyond wiring.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from rom_agent.resilience.breaker import BreakerRegistry
 from rom_agent.resilience.calls import ModelCall, PipelineResult, StreamItem, StreamStart
 from rom_agent.resilience.clock import Clock
 from rom_agent.resilience.errors import ATTEMPT_TIMEOUT
+from rom_agent.resilience.failover import run_stream
 from rom_agent.resilience.fallback import ChainRun, build_chain
+from rom_agent.resilience.hedge import Hedging
 from rom_agent.resilience.retry import Retry
-from rom_agent.resilience.stream import run_stream
 from rom_agent.resilience.timeouts import TimeoutFactory, clock_timeouts
 
 __all__ = ["ModelCall", "Pipeline", "PipelineResult", "StreamItem", "StreamStart"]
@@ -58,6 +61,7 @@ class Pipeline:
             retry if retry is not None else Retry(flags, clock, events),
             timeout if timeout is not None else clock_timeouts(clock),
         )
+        self._hedging = Hedging(clock)
         # MODEL_CHAIN needs a restart to change, so it is parsed once.
         self.chain: tuple[ModelRef, ...] = tuple(
             ModelRef.parse(qualified) for qualified in flags.current.model_chain
@@ -98,4 +102,4 @@ class Pipeline:
         `StopEvent` always last. Ends cleanly only after the upstream's terminator; otherwise
         raises `StreamInterruptedError`. Before `StreamStart` it may raise any pipeline
         error (`CircuitOpenError`, `UpstreamFailedError`, ...), exactly like `complete()`."""
-        return run_stream(self._runner, call)
+        return run_stream(self._runner, self._hedging, call)

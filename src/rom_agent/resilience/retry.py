@@ -97,6 +97,14 @@ class Retry:
         if settings.enable_retry:
             self.budget(model).record_request(self._clock.now())
 
+    def spend(self, model: str, settings: Settings) -> bool:
+        """Take one retry from `model`'s budget for an extra attempt outside the retry loop
+        (a stream continuation); False, counted as refused, when the budget is spent."""
+        if self.budget(model).try_spend(self._clock.now(), settings.retry_budget_ratio):
+            return True
+        self._events.emit(RetryBudgetExhausted(model))
+        return False
+
     def delay_before_retry(
         self,
         model: str,

@@ -2,21 +2,22 @@
 
 Streaming has one commit point: the first content event. Before it (`open_stream`, run as an
 attempt body by the attempt walk), failures — a first-token timeout included — are retried and
-rerouted invisibly. `run_stream` then yields `StreamStart` followed by the winning upstream's
-events; after the commit nothing is retried: a stall, an upstream error or a missing terminator
-raises `StreamInterruptedError`. Time limits of a stream: until the first token
-min(FIRST_TOKEN_TIMEOUT_S, ATTEMPT_TIMEOUT_S, time left); after it, each gap between events
-min(STREAM_IDLE_TIMEOUT_S, time left) — a long answer that keeps flowing is not cut by
-ATTEMPT_TIMEOUT_S, only by the request deadline.
+rerouted invisibly (and a slow first token may be hedged, see hedge.py). Time limits of a
+stream: until the first token min(FIRST_TOKEN_TIMEOUT_S, ATTEMPT_TIMEOUT_S, time left); after
+it, each gap between events min(STREAM_IDLE_TIMEOUT_S, time left) — a long answer that keeps
+flowing is not cut by ATTEMPT_TIMEOUT_S, only by the request deadline.
 
-`CommittedStream` is the post-commit state machine: it reads the upstream (`_next`), decides
-how a break is settled (`_interrupt`: counted or not, which client error), and is where
-continuation on another model or hedging hook in.
+`CommittedStream` is the post-commit state machine: it reads the upstream (`next_event`) and
+decides how a break is settled (`_interrupt`: counted or not, which client error). A break that
+a model can repair (a cut, a stall, a malformed event, a missing end) is handed to
+`continuation.Continuation` by `failover.run_stream`, which finishes the answer on the same
+model or the next ones of the chain without duplicating or splicing text; only when none can
+does the client get the in-band error.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from rom_agent.domain.errors import ErrorKind, ProviderError
@@ -24,11 +25,11 @@ from rom_agent.domain.events import FirstToken
 from rom_agent.domain.messages import StopEvent, StreamEvent, Usage, UsageEvent
 from rom_agent.logs import get_logger
 from rom_agent.resilience.attempts import Attempt, AttemptRunner
-from rom_agent.resilience.calls import ModelCall, StreamItem, StreamStart
 from rom_agent.resilience.errors import FIRST_TOKEN_TIMEOUT, StreamInterruptedError
-from rom_agent.resilience.fallback import ChainRun
 
 log = get_logger(__name__)
+
+FirstTokenHook = Callable[[str, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +67,11 @@ class OpenedStream:
     head: list[StreamEvent]
 
 
-async def open_stream(runner: AttemptRunner, attempt: Attempt) -> OpenedStream:
+async def open_stream(
+    runner: AttemptRunner, attempt: Attempt, on_first_token: FirstTokenHook | None = None
+) -> OpenedStream:
     """Attempt body: read the upstream until its first content event, within the first-token
-    timeout."""
+    timeout. `on_first_token(model, seconds)` learns the model's time to first token."""
     clock = runner.clock
     limit_s = min(runner.flags.current.first_token_timeout_s, attempt.budget_s)
     first_token_by = attempt.started + limit_s
@@ -93,6 +96,8 @@ async def open_stream(runner: AttemptRunner, attempt: Attempt) -> OpenedStream:
             head.append(event)
             if not isinstance(event, UsageEvent):
                 runner.events.emit(FirstToken, attempt.model.id, clock.now() - attempt.started)
+                if on_first_token is not None:
+                    on_first_token(attempt.model.id, clock.now() - attempt.started)
                 return OpenedStream(attempt, upstream, head)
     except BaseException:
         await _aclose(upstream)
@@ -102,37 +107,10 @@ async def open_stream(runner: AttemptRunner, attempt: Attempt) -> OpenedStream:
 # --------------------------------------------------------------------------- after the commit
 
 
-async def run_stream(runner: AttemptRunner, call: ModelCall) -> AsyncIterator[StreamItem]:
-    """`StreamStart`, then the winning upstream's events (see `Pipeline.stream`)."""
-    run = ChainRun(call.chain, runner.events)
-
-    async def once(attempt: Attempt) -> OpenedStream:
-        return await open_stream(runner, attempt)
-
-    opened, index = await runner.walk(call, run, once)
-    committed = CommittedStream(runner, opened)
-    try:
-        yield StreamStart(opened.attempt.model, index > 0, run.attempts)
-        batch: Iterable[StreamEvent] | None = opened.head
-        while batch is not None:
-            for event in batch:
-                if isinstance(event, StopEvent):
-                    committed.stop = event  # held back: trailing usage may still come
-                    continue
-                if isinstance(event, UsageEvent):
-                    committed.usage += event.usage
-                yield event
-            following = await committed.next_event()
-            batch = None if following is None else (following,)
-        yield committed.finish()
-    finally:
-        await committed.close()
-
-
 class CommittedStream:
     """The stream after its commit point: reads the upstream and settles how it ends."""
 
-    __slots__ = ("attempt", "runner", "settled", "stop", "upstream", "usage")
+    __slots__ = ("_head", "attempt", "broke", "runner", "settled", "stop", "upstream", "usage")
 
     def __init__(self, runner: AttemptRunner, opened: OpenedStream) -> None:
         self.runner = runner
@@ -141,6 +119,23 @@ class CommittedStream:
         self.usage = Usage()
         self.stop: StopEvent | None = None
         self.settled = False
+        self.broke: StreamBreak | None = None
+        self._head = opened.head
+
+    def take_head(self) -> list[StreamEvent]:
+        """The events read before the commit (the first content event last)."""
+        head, self._head = self._head, []
+        return head
+
+    def accept(self, event: StreamEvent) -> tuple[StreamEvent, ...]:
+        """Book-keeping of one upstream event, and what of it reaches the client now: the
+        terminator is held back (`finish`) because trailing usage may still come."""
+        if isinstance(event, StopEvent):
+            self.stop = event
+            return ()
+        if isinstance(event, UsageEvent):
+            self.usage += event.usage
+        return (event,)
 
     async def next_event(self) -> StreamEvent | None:
         """The next upstream event, or None at its end. After the terminator the answer is
@@ -186,6 +181,7 @@ class CommittedStream:
 
     def _interrupt(self, message: str, how: StreamBreak) -> StreamInterruptedError:
         self.settled = True
+        self.broke = how
         attempt = self.attempt
         if how.counted:
             attempt.permit.record_failure()
@@ -196,11 +192,15 @@ class CommittedStream:
             f"Stream from {attempt.model.id} interrupted: {message}", how.code, how.status
         )
 
-    async def close(self) -> None:
-        # Client gone (aclose / cancellation): release the permit uncounted, cancel the
-        # upstream call.
+    def release(self, outcome: str) -> None:
+        """Settle the attempt as neither success nor failure (cancelled, diverged)."""
         if not self.settled:
             self.settled = True
             self.attempt.permit.record_ignored()
-            self.runner.finished(self.attempt, "cancelled")
+            self.runner.finished(self.attempt, outcome)
+
+    async def close(self) -> None:
+        # Client gone (aclose / cancellation): release the permit uncounted, cancel the
+        # upstream call.
+        self.release("cancelled")
         await _aclose(self.upstream)
