@@ -23,6 +23,7 @@ from tests.fakes.bedrock_server import FakeBedrock
 from tests.fakes.openai_server import FakeOpenAI
 from tests.gates import wait_until
 from tests.stream_harness import (
+    BACKUP_TEXT,
     MODELS,
     OPENAI_FAULTS,
     PRIMARY_TEXT,
@@ -664,3 +665,57 @@ def test_a_flapping_primary_is_not_hammered_once_its_breaker_opens(
                 ),
             )
         )
+
+
+# --------------------------------------------------------------------------- hedge budget
+
+
+def test_hedges_stop_when_their_budget_is_spent(tmp_path: Path, openai_fake: FakeOpenAI) -> None:
+    """A slow (but healthy) primary and a 0.1 s hedge delay: every request would be hedged,
+    but the budget (ratio 0: only its floor of 3 per 10 s) lets 3 through; the rest wait
+    for the slow primary, so a slow provider cannot double the upstream load."""
+    prime(openai_fake)
+    openai_fake.model_defaults["primary"] = Behaviour(text=PRIMARY_TEXT, first_byte_delay_s=0.5)
+    openai_fake.model_defaults["backup"] = Behaviour(text=BACKUP_TEXT)
+    settings = {
+        "enable_circuit_breaker": True,
+        "hedge_delay_s": 0.1,
+        "hedge_budget_ratio": 0.0,
+        "first_token_timeout_s": 5.0,
+        "attempt_timeout_s": 5.0,
+    }
+    models = []
+    with gateway(tmp_path, openai_fake, **settings) as app, app.client() as client:
+        for _ in range(5):
+            _, raw = post_stream(client, {"message": "hi"})
+            done = sse_events(raw)[-1]
+            assert done["type"] == "done", done
+            models.append(done["model"])
+        hedge = app.services.metrics.registry.get_sample_value
+        started = hedge(
+            "hedge_total", {"operation": "converse", "model": "primary", "outcome": "started"}
+        )
+        refused = hedge(
+            "hedge_total",
+            {"operation": "converse", "model": "primary", "outcome": "budget_exhausted"},
+        )
+        counted = breaker_failures(app.services, "primary")
+    assert counted == 0  # the cancelled losers are ignored by the breaker
+    assert models == ["backup"] * 3 + ["primary"] * 2
+    assert (started, refused) == (3, 2)
+    counts = upstream_counts(openai_fake)
+    assert counts == {"primary": 5, "backup": 3}
+    record(
+        FaultRow(
+            fault="slow primary (0.5 s to first token), hedge delay 0.1 s, hedge budget at "
+            "its floor (3 per 10 s): 5 requests",
+            route=ROUTE,
+            status=200,
+            events="5 × (connected, chunk…, done)",
+            complete="yes (all 5)",
+            model="backup ×3 (hedge won), then primary ×2 (budget exhausted: no hedge)",
+            upstream=counts,
+            note="hedges started 3, refused by the budget 2; the 3 primaries that lost were "
+            "cancelled and not counted by the breaker",
+        )
+    )
