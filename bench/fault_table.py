@@ -59,8 +59,8 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
             f"#### {route}",
             "",
             "| Fault | Client saw (status: events) | Final text complete? | Model used "
-            "| Upstream requests received | Notes |",
-            "|---|---|---|---|---|---|",
+            "| Upstream requests received | Notes | Before (continuation and hedging off) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in group:
             upstream = " · ".join(f"{model} {n}" for model, n in row["upstream"].items())
@@ -75,6 +75,7 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
                         row["model"],
                         upstream,
                         row["note"],
+                        row.get("before") or "same",
                     )
                 )
                 + " |"

@@ -204,10 +204,12 @@ def committed_error(fault: Fault) -> bool:
     return fault.outcome != "done" and bool(fault.chunks)
 
 
-@pytest.mark.parametrize("fault", OPENAI_FAULTS, ids=[f.id for f in OPENAI_FAULTS])
-def test_fault_matrix_streaming_with_the_sdk(
-    tmp_path: Path, fake: FakeOpenAI, fault: Fault
-) -> None:
+def sdk_stream(
+    tmp_path: Path, fake: FakeOpenAI, fault: Fault, **settings: Any
+) -> tuple[list[str], set[str], openai.APIError | None, float, bytes]:
+    """One streamed completion through the SDK with `fault` staged: the text received, the
+    models named by the chunks, what the SDK raised, the primary's counted failures, and
+    the raw body."""
     prime(fake)
     if fault.script:
         fake.script(fault.script, model="primary")
@@ -219,7 +221,6 @@ def test_fault_matrix_streaming_with_the_sdk(
     received: list[str] = []
     models: set[str] = set()
     raised: openai.APIError | None = None
-    settings = dict(fault.settings)
     with gateway(tmp_path, fake, enable_circuit_breaker=True, **settings) as app:
         client = sdk(app.url, recorder)
         try:
@@ -231,8 +232,27 @@ def test_fault_matrix_streaming_with_the_sdk(
         except openai.APIError as exc:
             raised = exc
         counted = breaker_failures(app.services, "primary")
+    return received, models, raised, counted, recorder.bodies[0]
+
+
+@pytest.mark.parametrize("fault", OPENAI_FAULTS, ids=[f.id for f in OPENAI_FAULTS])
+def test_fault_matrix_streaming_with_the_sdk(
+    tmp_path: Path, fake: FakeOpenAI, fault: Fault
+) -> None:
+    before = ""
+    if fault.compare:  # the same fault with continuation and hedging off, recorded
+        off = {"enable_stream_continuation": False, "enable_hedging": False}
+        got, _, raised, counted, _ = sdk_stream(
+            tmp_path / "before", fake, fault, **{**dict(fault.settings), **off}
+        )
+        counts = upstream_counts(fake)
+        end = "`[DONE]` (complete)" if raised is None else f"SDK `{type(raised).__name__}` (cut)"
+        upstream = " · ".join(f"{model} {n}" for model, n in counts.items())
+        before = f"chunk×{len(got)}, {end}; {upstream}; counted {int(counted)}"
+    received, models, raised, counted, body = sdk_stream(
+        tmp_path, fake, fault, **dict(fault.settings)
+    )
     counts = upstream_counts(fake)
-    body = recorder.bodies[0]
     text = "".join(received)
 
     prefilled = tuple(sum(p is not None for p in fake.prefills_for(m)) for m in MODELS)
@@ -283,18 +303,19 @@ def test_fault_matrix_streaming_with_the_sdk(
         FaultRow(
             fault=fault.name,
             route=ROUTE + " stream (SDK)",
-            status=recorder_status(recorder, body),
+            status=recorder_status(body),
             events=f"{saw} — SDK: {sdk_saw}",
             complete=complete,
             model=model,
             upstream=counts,
             note=f"primary breaker counted {int(counted)}"
             + (f"; prefills received: backup {prefilled[1]}" if any(prefilled) else ""),
+            before=before,
         )
     )
 
 
-def recorder_status(recorder: RecordingTransport, body: bytes) -> int:
+def recorder_status(body: bytes) -> int:
     return 200 if body.startswith(b"data: ") else json.loads(body)["status"]
 
 
