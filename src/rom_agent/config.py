@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     attempt_timeout_s: float = Field(60.0, gt=0, le=3600)
     first_token_timeout_s: float = Field(20.0, gt=0, le=3600)
-    stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    stream_idle_timeout_s: float = Field(10.0, gt=0, le=3600)  # issue 16: was 30
 
     # Stream failover (issue 16; choices in docs/decisions.md "Stream failover")
     enable_stream_continuation: StrictBool = True
