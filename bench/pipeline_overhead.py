@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/pipeline_overhead.py [--calls 20000] [--rounds 7]
 
-Prints CPU µs (process time: other load on a shared machine counts less) per
-`Pipeline.complete()` (and per streamed call) with every protection on versus
-every protection off, next to the bare provider call, as the median of several rounds. The
+Prints µs per `Pipeline.complete()` (and per streamed call) with every protection on versus
+every protection off, next to the bare provider call, as the median of several rounds; and the
+stream failover machinery (continuation and hedging, issue 16) armed but not triggered versus
+switched off. `--chunks` sets the text deltas per stream. The
 provider answers without awaiting anything, so the figures are the pipeline's own cost:
 breaker permit, retry-budget bookkeeping, the attempt timeout, metrics and the fallback walk.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -44,6 +44,10 @@ ALL_ON = {
     "enable_fault_injection": True,
 }
 ALL_OFF = dict.fromkeys(ALL_ON, False)
+FAILOVER_OFF = {**ALL_ON, "enable_stream_continuation": False, "enable_hedging": False}
+FAILOVER_ARMED = {**ALL_ON, "enable_stream_continuation": True, "enable_hedging": True}
+CONTINUATION_ONLY = {**FAILOVER_OFF, "enable_stream_continuation": True}
+CHUNKS = 2
 
 
 class InstantProvider:
@@ -56,8 +60,8 @@ class InstantProvider:
         return ChatResponse(request.model, (TextBlock("ok"),), "end_turn", self._usage)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        yield TextDelta("o")
-        yield TextDelta("k")
+        for _ in range(CHUNKS):
+            yield TextDelta("ok ")
         yield UsageEvent(self._usage)
         yield StopEvent("end_turn")
 
@@ -82,16 +86,13 @@ def build(flags: dict[str, bool]) -> tuple[Pipeline, ModelCall]:
     return pipeline, call
 
 
-async def per_call_us(fn: Callable[[], Awaitable[object]], calls: int, rounds: int) -> float:
-    for _ in range(min(calls, 2000)):  # warm up label caches and the allocator
+async def batch_us(fn: Callable[[], Awaitable[object]], calls: int) -> float:
+    # CPU time of this process, not wall time: on a shared machine the wall clock measures
+    # the neighbours too.
+    start = time.process_time()
+    for _ in range(calls):
         await fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.process_time()
-        for _ in range(calls):
-            await fn()
-        samples.append((time.process_time() - start) / calls * 1e6)
-    return statistics.median(samples)
+    return (time.process_time() - start) / calls * 1e6
 
 
 async def main(calls: int, rounds: int) -> None:
@@ -104,14 +105,16 @@ async def main(calls: int, rounds: int) -> None:
     async def bare_stream() -> object:
         return [event async for event in provider.stream(request)]
 
-    rows = [
-        (
-            "provider alone",
-            await per_call_us(bare, calls, rounds),
-            await per_call_us(bare_stream, calls, rounds),
-        )
-    ]
-    for label, flags in (("pipeline, all flags off", ALL_OFF), ("pipeline, all flags on", ALL_ON)):
+    variants: list[tuple[str, Callable[[], Awaitable[object]], Callable[[], Awaitable[object]]]]
+    variants = [("provider alone", bare, bare_stream)]
+    flag_sets = (
+        ("pipeline, all flags off", ALL_OFF),
+        ("pipeline, all flags on", ALL_ON),
+        ("all on, failover off", FAILOVER_OFF),
+        ("all on, continuation armed", CONTINUATION_ONLY),
+        ("all on, failover armed", FAILOVER_ARMED),
+    )
+    for label, flags in flag_sets:
         pipeline, call = build(flags)
 
         async def complete(pipeline: Pipeline = pipeline, call: ModelCall = call) -> object:
@@ -120,17 +123,23 @@ async def main(calls: int, rounds: int) -> None:
         async def stream(pipeline: Pipeline = pipeline, call: ModelCall = call) -> object:
             return [item async for item in pipeline.stream(call)]
 
-        rows.append(
-            (
-                label,
-                await per_call_us(complete, calls, rounds),
-                await per_call_us(stream, calls, rounds),
-            )
-        )
+        variants.append((label, complete, stream))
 
-    print(f"{calls} calls x {rounds} rounds, median µs per call")
+    for _, complete, stream in variants:  # warm up label caches and the allocator
+        await batch_us(complete, min(calls, 2000))
+        await batch_us(stream, min(calls, 2000))
+    # Rounds interleave the variants, so drift in the machine's load hits all of them; the
+    # minimum over rounds is the least disturbed estimate of each one's own cost.
+    samples: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in variants}
+    for _ in range(rounds):
+        for label, complete, stream in variants:
+            samples[label].append((await batch_us(complete, calls), await batch_us(stream, calls)))
+
+    print(f"{calls} calls x {rounds} rounds, {CHUNKS} text deltas per stream, min CPU µs per call")
     print(f"{'':26} {'complete()':>12} {'stream()':>12}")
-    for label, complete_us, stream_us in rows:
+    for label, values in samples.items():
+        complete_us = min(v[0] for v in values)
+        stream_us = min(v[1] for v in values)
         print(f"{label:26} {complete_us:12.1f} {stream_us:12.1f}")
 
 
@@ -138,5 +147,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--chunks", type=int, default=CHUNKS)
     args = parser.parse_args()
+    CHUNKS = args.chunks
     asyncio.run(main(args.calls, args.rounds))

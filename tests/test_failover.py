@@ -5,6 +5,8 @@ against the fake upstreams are in tests/test_stream_faults.py and tests/test_ope
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ from tests.scripted_provider import (
     make_harness,
     model_error,
     run,
+    settle,
     transient,
 )
 
@@ -344,3 +347,26 @@ async def test_hedging_off_waits_for_the_first_token_timeout() -> None:
     items, _ = await consume(h)
     assert text(items) == "backup"
     assert h.clock.now() - start == pytest.approx(5)
+
+
+async def test_a_client_leaving_during_a_hedge_cancels_both_sides() -> None:
+    h = make_harness(enable_circuit_breaker=True, hedge_delay_s=2, first_token_timeout_s=20)
+    h.provider.script("rom-sim-1", HANG)
+    h.provider.script("rom-sim-2", HANG)
+
+    async def leave_after(seconds: float) -> None:
+        stream = h.pipeline.stream(h.call())
+        task = asyncio.ensure_future(anext(stream))
+        await h.clock.sleep(seconds)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+
+    await run(h.clock, leave_after(3))
+    await settle()
+    assert h.provider.calls() == 2  # the hedge had started
+    assert h.provider.streams_cancelled == 2
+    for model in ("rom-sim-1", "rom-sim-2"):
+        assert breaker(h, "failure", model) == 0 and breaker(h, "success", model) == 0
+        assert h.sample("llm_request_duration_seconds_count", model=model, outcome="cancelled") == 1

@@ -17,15 +17,15 @@ import asyncio
 import contextlib
 import dataclasses
 from collections import deque
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from rom_agent.config import Settings
 from rom_agent.domain.errors import ProviderError
 from rom_agent.domain.events import HedgeSettled
 from rom_agent.resilience.attempts import Attempt, AttemptRunner
 from rom_agent.resilience.calls import ModelCall
-from rom_agent.resilience.clock import Clock
+from rom_agent.resilience.clock import Clock, SystemClock
 from rom_agent.resilience.errors import (
     AttemptFailure,
     CircuitOpenError,
@@ -42,29 +42,33 @@ MIN_SAMPLES = 20
 P95_FACTOR = 1.5
 FLOOR_S = 1.0
 CEILING_S = 6.0
+REFRESH = 20  # new samples between two p95 computations
 
 
 class TtftWindow:
-    """The last `WINDOW` times to first token of one model. The p95 is recomputed only after
-    new samples (sorting 200 floats is a few microseconds, once per hedge decision at most)."""
+    """The last `WINDOW` times to first token of one model. The p95 is re-sorted only every
+    `REFRESH` new samples: over 200 samples it moves slowly, and sorting on every stream was
+    the hedge's largest CPU cost."""
 
-    __slots__ = ("_p95", "_samples")
+    __slots__ = ("_fresh", "_p95", "_samples")
 
     def __init__(self) -> None:
         self._samples: deque[float] = deque(maxlen=WINDOW)
-        self._p95: float | None = None
+        self._p95 = 0.0
+        self._fresh = 0  # samples added since the p95 was computed
 
     def add(self, seconds: float) -> None:
         self._samples.append(seconds)
-        self._p95 = None
+        self._fresh += 1
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def p95(self) -> float:
-        if self._p95 is None:
+        if self._fresh >= REFRESH or (self._fresh and len(self._samples) <= MIN_SAMPLES):
             ordered = sorted(self._samples)
             self._p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            self._fresh = 0
         return self._p95
 
 
@@ -145,8 +149,10 @@ async def open_hedged(
 
 
 class _Race:
-    """The attempt body of a hedged walk: the first attempt that waits too long for its first
-    token starts the rest of the chain in parallel; the first first token wins."""
+    """The attempt body of a hedged walk. The primary attempt waits for its first token in the
+    caller's task (no extra task on the common path: one timer); if the hedge delay passes
+    first, the rest of the chain starts as a task, and whichever first token comes first wins —
+    a winning hedge interrupts the primary's wait the way a timeout would."""
 
     def __init__(
         self, runner: AttemptRunner, hedging: Hedging, call: ModelCall, run: ChainRun
@@ -156,6 +162,10 @@ class _Race:
         self.call = call
         self.run = run
         self.hedge_run: ChainRun | None = None
+        self._hedge: asyncio.Task[tuple[OpenedStream, int]] | None = None
+        self._interrupt: asyncio.Timeout | None = None
+        self._primary_done = False
+        self._discarding: asyncio.Task[None] | None = None
 
     def _plain(self, attempt: Attempt) -> Awaitable[OpenedStream]:
         return open_stream(self.runner, attempt, self.hedging.observe_first_token)
@@ -169,67 +179,107 @@ class _Race:
         delay_s = self.hedging.delay_s(attempt.model.id, settings)
         if delay_s >= min(settings.first_token_timeout_s, attempt.budget_s):
             return await self._plain(attempt)  # the first-token timeout comes first anyway
-        primary = asyncio.ensure_future(self._plain(attempt))
-        hedge: asyncio.Future[tuple[OpenedStream, int]] | None = None
+        self._primary_done = False
+        # Time without a first token *within this attempt*: backoff and Retry-After waits
+        # happen between attempts, never inside this window.
+        timer = _call_later(
+            runner.clock,
+            attempt.started + delay_s - runner.clock.now(),
+            lambda: self._start_hedge(attempt, index),
+        )
         try:
             try:
-                # Time without a first token *within this attempt*: backoff and Retry-After
-                # waits happen between attempts, never inside this window.
-                async with runner.timeout(attempt.started + delay_s - runner.clock.now()):
-                    return await asyncio.shield(primary)
-            except TimeoutError:
-                if primary.done():
-                    return primary.result()
-            model = attempt.model.id
-            if not self.hedging.try_spend(call.chain[0].id, settings):
-                runner.events.emit(HedgeSettled(model, "budget_exhausted"))
-                return await primary
-            runner.events.emit(HedgeSettled(model, "started"))
-            rest = dataclasses.replace(call, chain=tuple(call.chain[index + 1 :]))
-            self.hedge_run = ChainRun(rest.chain, runner.events)
-            hedge = asyncio.ensure_future(runner.walk(rest, self.hedge_run, self._plain))
-            return await self._decide(attempt, index, primary, hedge)
+                async with asyncio.timeout(None) as interrupt:
+                    self._interrupt = interrupt
+                    opened = await self._plain(attempt)
+                    self._primary_done = True
+            except TimeoutError:  # interrupted: the hedge won
+                self._primary_done = True
+                attempt.permit.record_ignored()  # cancelled: neither success nor failure
+                runner.finished(attempt, "cancelled")
+                raise self._hedge_won(attempt, index) from None
+            except (ProviderError, DeadlineExceededError) as error:
+                self._primary_done = True
+                if self._hedge is None:
+                    raise  # no hedge running: the walk settles and retries as usual
+                self._settle_failed(attempt, error)
+                raise await self._hedge_alone(attempt, index, error) from None
         finally:
-            for task in (primary, hedge):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+            self._interrupt = None
+            timer.cancel()
+            if not self._primary_done:  # cancelled (the client left): the hedge goes too
+                self._abandon_hedge()
+        if self._hedge is not None:
+            await self._cancel_hedge()
+            runner.events.emit(HedgeSettled(attempt.model.id, "primary_won"))
+        return opened
 
-    async def _decide(
-        self,
-        attempt: Attempt,
-        index: int,
-        primary: asyncio.Future[OpenedStream],
-        hedge: asyncio.Future[tuple[OpenedStream, int]],
-    ) -> OpenedStream:
-        runner, model = self.runner, attempt.model.id
-        primary_error: BaseException | None = None
-        hedge_error: BaseException | None = None
-        pending: set[asyncio.Future[Any]] = {primary, hedge}
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if primary in done:
-                primary_error = primary.exception()
-                if primary_error is None:
-                    if hedge in done and hedge.exception() is None:
-                        await _discard(runner, hedge.result()[0])
-                    runner.events.emit(HedgeSettled(model, "primary_won"))
-                    return primary.result()  # the hedge is cancelled by `open`
-                self._settle_failed(attempt, primary_error)
-            if hedge in done:
-                hedge_error = hedge.exception()
-                if hedge_error is None:
-                    opened, position = hedge.result()
-                    if primary_error is None:  # still waiting: cancelled, ignored by its breaker
-                        primary.cancel()
-                        with contextlib.suppress(BaseException):
-                            await primary
-                        attempt.permit.record_ignored()
-                        runner.finished(attempt, "cancelled")
-                    runner.events.emit(HedgeSettled(model, "hedge_won"))
-                    raise _RaceDecided((opened, index + 1 + position))
-        raise _RaceDecided(None, self._final_error(attempt, primary_error, hedge_error))
+    def _start_hedge(self, attempt: Attempt, index: int) -> None:
+        """Timer callback at the hedge delay: start the rest of the chain, budget allowing."""
+        if self._primary_done:
+            return
+        runner, call, settings = self.runner, self.call, self.runner.flags.current
+        model = attempt.model.id
+        if not self.hedging.try_spend(call.chain[0].id, settings):
+            runner.events.emit(HedgeSettled(model, "budget_exhausted"))
+            return
+        runner.events.emit(HedgeSettled(model, "started"))
+        rest = dataclasses.replace(call, chain=tuple(call.chain[index + 1 :]))
+        self.hedge_run = ChainRun(rest.chain, runner.events)
+        hedge = asyncio.get_running_loop().create_task(
+            runner.walk(rest, self.hedge_run, self._plain)
+        )
+        hedge.add_done_callback(self._hedge_finished)
+        self._hedge = hedge
+
+    def _hedge_finished(self, hedge: asyncio.Task[tuple[OpenedStream, int]]) -> None:
+        if hedge.cancelled() or hedge.exception() is not None:
+            return  # a failed hedge: the primary carries on alone
+        if not self._primary_done and self._interrupt is not None:
+            self._interrupt.reschedule(asyncio.get_running_loop().time())
+
+    def _hedge_won(self, attempt: Attempt, index: int) -> _RaceDecided:
+        assert self._hedge is not None and self._hedge.done()
+        opened, position = self._hedge.result()
+        self.runner.events.emit(HedgeSettled(attempt.model.id, "hedge_won"))
+        return _RaceDecided((opened, index + 1 + position))
+
+    async def _hedge_alone(
+        self, attempt: Attempt, index: int, primary_error: BaseException
+    ) -> _RaceDecided:
+        """The primary failed while the hedge runs: the answer is the hedge's."""
+        assert self._hedge is not None
+        try:
+            opened, position = await self._hedge
+        except asyncio.CancelledError:
+            raise
+        except BaseException as hedge_error:
+            return _RaceDecided(None, self._final_error(primary_error, hedge_error))
+        self.runner.events.emit(HedgeSettled(attempt.model.id, "hedge_won"))
+        return _RaceDecided((opened, index + 1 + position))
+
+    async def _cancel_hedge(self) -> None:
+        """The primary won: the hedge is cancelled (its attempt ignored by its breaker) or,
+        if it also produced a first token meanwhile, its stream is closed unused."""
+        hedge = self._hedge
+        assert hedge is not None
+        if not hedge.done():
+            hedge.cancel()
+            with contextlib.suppress(BaseException):
+                await hedge
+            return
+        if not hedge.cancelled() and hedge.exception() is None:
+            await _discard(self.runner, hedge.result()[0])
+
+    def _abandon_hedge(self) -> None:
+        hedge = self._hedge
+        if hedge is None:
+            return
+        if not hedge.done():
+            hedge.cancel()  # its attempt is released as cancelled by the walk
+        elif not hedge.cancelled() and hedge.exception() is None:
+            opened = hedge.result()[0]
+            self._discarding = asyncio.get_running_loop().create_task(_discard(self.runner, opened))
 
     def _settle_failed(self, attempt: Attempt, error: BaseException) -> None:
         """The primary failed after the hedge started: settle it as the walk would have."""
@@ -240,18 +290,33 @@ class _Race:
             attempt.permit.record_ignored()
             self.runner.finished(attempt, "timeout")
 
-    def _final_error(
-        self, attempt: Attempt, primary: BaseException | None, hedge: BaseException | None
-    ) -> BaseException:
+    def _final_error(self, primary: BaseException, hedge: BaseException) -> BaseException:
         """Both sides failed: the whole chain was tried."""
         for error in (hedge, primary):
             if isinstance(error, DeadlineExceededError | RequestRejectedError):
                 return error
         assert self.hedge_run is not None
-        tried = [*self.run.tried, *self.hedge_run.tried]
         if isinstance(hedge, CircuitOpenError) and not self.run.tried:
             return hedge
-        return UpstreamFailedError(tried)
+        return UpstreamFailedError([*self.run.tried, *self.hedge_run.tried])
+
+
+class _Timer(Protocol):
+    def cancel(self) -> object: ...
+
+
+def _call_later(clock: Clock, delay_s: float, callback: Callable[[], None]) -> _Timer:
+    """`callback` after `delay_s` on `clock`: a loop timer for the system clock, a task
+    sleeping on any other clock (a FakeClock in tests)."""
+    loop = asyncio.get_running_loop()
+    if isinstance(clock, SystemClock):
+        return loop.call_later(max(0.0, delay_s), callback)
+
+    async def later() -> None:
+        await clock.sleep(max(0.0, delay_s))
+        callback()
+
+    return loop.create_task(later())
 
 
 async def _discard(runner: AttemptRunner, opened: OpenedStream) -> None:
