@@ -274,7 +274,7 @@ class Continuation:
 
     def _emit(self, model: ModelRef, strategy: str, outcome: str) -> None:
         self._outcomes.append(f"{model.id}:{strategy}:{outcome}")
-        self._runner.events.emit(StreamContinued(model.id, strategy, outcome))
+        self._runner.events.emit(StreamContinued, model.id, strategy, outcome)
 
     def _log(self, outcome: str, finished: CommittedStream | None) -> None:
         log.info(

@@ -211,7 +211,7 @@ class _Race:
                 self._abandon_hedge()
         if self._hedge is not None:
             await self._cancel_hedge()
-            runner.events.emit(HedgeSettled(attempt.model.id, "primary_won"))
+            runner.events.emit(HedgeSettled, attempt.model.id, "primary_won")
         return opened
 
     def _start_hedge(self, attempt: Attempt, index: int) -> None:
@@ -221,9 +221,9 @@ class _Race:
         runner, call, settings = self.runner, self.call, self.runner.flags.current
         model = attempt.model.id
         if not self.hedging.try_spend(call.chain[0].id, settings):
-            runner.events.emit(HedgeSettled(model, "budget_exhausted"))
+            runner.events.emit(HedgeSettled, model, "budget_exhausted")
             return
-        runner.events.emit(HedgeSettled(model, "started"))
+        runner.events.emit(HedgeSettled, model, "started")
         rest = dataclasses.replace(call, chain=tuple(call.chain[index + 1 :]))
         self.hedge_run = ChainRun(rest.chain, runner.events)
         hedge = asyncio.get_running_loop().create_task(
@@ -241,7 +241,7 @@ class _Race:
     def _hedge_won(self, attempt: Attempt, index: int) -> _RaceDecided:
         assert self._hedge is not None and self._hedge.done()
         opened, position = self._hedge.result()
-        self.runner.events.emit(HedgeSettled(attempt.model.id, "hedge_won"))
+        self.runner.events.emit(HedgeSettled, attempt.model.id, "hedge_won")
         return _RaceDecided((opened, index + 1 + position))
 
     async def _hedge_alone(
@@ -255,7 +255,7 @@ class _Race:
             raise
         except BaseException as hedge_error:
             return _RaceDecided(None, self._final_error(primary_error, hedge_error))
-        self.runner.events.emit(HedgeSettled(attempt.model.id, "hedge_won"))
+        self.runner.events.emit(HedgeSettled, attempt.model.id, "hedge_won")
         return _RaceDecided((opened, index + 1 + position))
 
     async def _cancel_hedge(self) -> None:

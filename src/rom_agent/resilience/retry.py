@@ -102,7 +102,7 @@ class Retry:
         (a stream continuation); False, counted as refused, when the budget is spent."""
         if self.budget(model).try_spend(self._clock.now(), settings.retry_budget_ratio):
             return True
-        self._events.emit(RetryBudgetExhausted(model))
+        self._events.emit(RetryBudgetExhausted, model)
         return False
 
     def delay_before_retry(
