@@ -74,7 +74,8 @@ def gateway(tmp_path: Path, fake: FakeUpstream, **overrides: Any) -> Iterator[Ru
     values.update(overrides)
     settings = isolated_settings(tmp_path, **values)
     services = create_services(settings)
-    with running_app(settings, services) as running:
+    # Production's event loop (uvloop), as the service runs it.
+    with running_app(settings, services, uvloop=True) as running:
         yield running
 
 
