@@ -150,6 +150,7 @@ async def test_when_every_model_diverges_the_client_gets_the_original_error_once
     assert error.code == "STREAM_INTERRUPTED" and "rom-sim-1" in str(error)
     assert text(items) == "The quick "  # no diverging text reached the client
     assert not any(isinstance(i, StopEvent) for i in items)
+    assert [i for i in items if isinstance(i, StreamStart)] == [items[0]]  # rom-sim-2 unnamed
     assert continued(h, "rom-sim-1", "restart", "diverged") == 1
     assert continued(h, "rom-sim-2", "restart", "diverged") == 1
     # A divergence is no failure of the model: only the cut was counted.

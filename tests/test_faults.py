@@ -148,7 +148,7 @@ async def test_delay_runs_on_the_injected_clock_inside_the_attempt_timeout() -> 
 
 
 async def test_after_chunks_with_status_fails_the_stream_mid_way() -> None:
-    h = make_harness()
+    h = make_harness(enable_stream_continuation=False)  # else the cut is continued
     h.provider.script("rom-sim-1", Stream.of("a", "b", "c", "d", "e"))
     plan = FaultPlan(status=503, after_chunks=3)
     items = []

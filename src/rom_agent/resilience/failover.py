@@ -31,18 +31,25 @@ async def run_stream(
     committed = CommittedStream(runner, opened)
     progress = StreamProgress()
     continuation: Continuation | None = None
+    announced = opened.attempt.model  # the model whose text the client is receiving
     try:
-        yield StreamStart(opened.attempt.model, index > 0, run.attempts)
+        yield StreamStart(announced, index > 0, run.attempts)
         while True:
             try:
                 batch: Sequence[StreamEvent] | None = committed.take_head()
                 while batch is not None:
                     for event in batch:
                         for forwarded in committed.accept(event):
-                            if isinstance(forwarded, TextDelta):
-                                progress.parts.append(forwarded.text)
-                            elif isinstance(forwarded, ToolUseEvent):
-                                progress.tool_calls += 1
+                            if isinstance(forwarded, TextDelta | ToolUseEvent):
+                                if committed.attempt.model != announced:
+                                    # Another model's first new text: announced only now, so
+                                    # a continuation that diverged is never named.
+                                    announced = committed.attempt.model
+                                    yield StreamStart(announced, True, run.attempts)
+                                if isinstance(forwarded, TextDelta):
+                                    progress.parts.append(forwarded.text)
+                                else:
+                                    progress.tool_calls += 1
                             yield forwarded
                     following = await committed.next_event()
                     batch = None if following is None else (following,)
@@ -54,10 +61,7 @@ async def run_stream(
                     ):
                         raise
                     continuation = Continuation(runner, call, run, progress, committed, error)
-                replacement = await continuation.next_stream(committed, error)
-                if replacement.attempt.model != committed.attempt.model:
-                    yield StreamStart(replacement.attempt.model, True, run.attempts)
-                committed = replacement
+                committed = await continuation.next_stream(committed, error)
                 continue
             if continuation is not None:
                 continuation.succeeded(committed)
