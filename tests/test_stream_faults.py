@@ -362,11 +362,11 @@ BEDROCK_FAULTS = [
         id="cut-fallback-diverges",
     ),
     Fault(
-        "Bedrock silent, hedge after 0.1 s: the OpenAI hedge wins",
+        "Bedrock silent, hedge after 0.5 s: the OpenAI hedge wins",
         persistent=Behaviour(delay_s=30),
         model="backup",
         requests=(1, 1),
-        settings=(("hedge_delay_s", 0.1), ("first_token_timeout_s", 2.0)),
+        settings=(("hedge_delay_s", 0.5), ("first_token_timeout_s", 3.0)),
         compare=True,
         id="silent-primary-hedged",
     ),
