@@ -283,16 +283,16 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 "s",
             ),
             Panel(
-                "Retry-After given (p50) and answers carrying it",
+                "Retry-After given (mean) and answers carrying it",
                 [
                     (
-                        "histogram_quantile(0.5, sum by (le, route) "
-                        f"(rate(http_retry_after_seconds_bucket{{{SEL}}}[{RATE}])))",
-                        "p50 Retry-After {{route}}",
+                        f"sum by (route) (rate(http_retry_after_seconds_sum{{{SEL}}}[{RATE}])) / "
+                        f"sum by (route) (rate(http_retry_after_seconds_count{{{SEL}}}[{RATE}]))",
+                        "mean Retry-After (s) {{route}}",
                     ),
                     (
                         f"sum by (route) (rate(http_retry_after_seconds_count{{{SEL}}}[{RATE}]))",
-                        "answers with Retry-After {{route}}",
+                        "answers with Retry-After/s {{route}}",
                     ),
                 ],
             ),
