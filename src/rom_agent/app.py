@@ -12,7 +12,6 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
-from rom_agent import __version__
 from rom_agent.agent.chat import ChatService
 from rom_agent.agent.loop import AgentLoop
 from rom_agent.agent.tools import ToolRegistry, default_registry
@@ -153,14 +152,9 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
         await services.store.start()
         await load_persisted_overrides(services.flags, services.store.flag_overrides)
         await services.fleet.start(services.store)
-        _startup_warnings(settings)
+        _startup_warnings(settings, services.flags.current)
         services.event_loop_lag.start()
-        log.info(
-            "started",
-            version=__version__,
-            models=[ref.qualified for ref in services.chain],
-            database=services.store.display,
-        )
+        # `started` is logged by the server once the port is bound (server.py).
         try:
             yield
         finally:
@@ -193,12 +187,13 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
     return app
 
 
-def _startup_warnings(settings: Settings) -> None:
+def _startup_warnings(settings: Settings, effective: Settings) -> None:
+    """`effective`: the flags as they apply, runtime overrides from the store included."""
     admin.warn_about_admin_token(settings)
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")
     if not settings.api_keys and not loopback:
         log.warning("chat routes are open: API_KEYS is unset and HOST is not loopback")
-    if settings.enable_fault_injection:
+    if effective.enable_fault_injection:
         log.warning(
             "FAULT INJECTION IS ENABLED: FORCE_ERROR messages and X-Fault headers will make "
             "requests fail on purpose. Never enable this in production."

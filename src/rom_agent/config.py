@@ -75,6 +75,10 @@ AdmissionScope = Annotated[Literal["replica", "fleet"], BeforeValidator(_lower)]
 GuardrailMode = Annotated[Literal["off", "dry-run", "soft", "full"], BeforeValidator(_lower)]
 
 
+# Durations below this are typos or attacks ("1e-300" seconds), not configurations.
+MIN_DURATION_S = 0.01
+
+
 class Settings(BaseSettings):
     """Every variable of SPEC §2. Field names are the variable names, lower-cased."""
 
@@ -103,13 +107,13 @@ class Settings(BaseSettings):
 
     # Circuit breaker
     circuit_breaker_threshold: int = Field(5, ge=1, le=1000)
-    circuit_breaker_cooldown_s: float = Field(30.0, gt=0, le=3600)
+    circuit_breaker_cooldown_s: float = Field(30.0, ge=MIN_DURATION_S, le=3600)
     circuit_breaker_half_open_max_calls: int = Field(1, ge=1, le=100)
 
     # Bottleneck
     max_concurrent: int = Field(5, ge=1, le=100_000)
     max_queue: int = Field(20, ge=0, le=1_000_000)
-    queue_timeout_s: float = Field(30.0, gt=0, le=3600)
+    queue_timeout_s: float = Field(30.0, ge=MIN_DURATION_S, le=3600)
 
     # Retry
     max_retries: int = Field(3, ge=0, le=10)
@@ -124,10 +128,12 @@ class Settings(BaseSettings):
     guardrail_repetition_limit: int = Field(3, ge=2, le=10_000)
 
     # Timeouts
-    request_timeout_s: float = Field(120.0, gt=0, le=3600)
-    attempt_timeout_s: float = Field(60.0, gt=0, le=3600)
-    first_token_timeout_s: float = Field(20.0, gt=0, le=3600)
-    stream_idle_timeout_s: float = Field(10.0, gt=0, le=3600)  # issue 16: was 30
+    request_timeout_s: float = Field(120.0, ge=MIN_DURATION_S, le=3600)
+    attempt_timeout_s: float = Field(60.0, ge=MIN_DURATION_S, le=3600)
+    first_token_timeout_s: float = Field(20.0, ge=MIN_DURATION_S, le=3600)
+    stream_idle_timeout_s: float = Field(10.0, ge=MIN_DURATION_S, le=3600)  # issue 16: was 30
+    # How long a SIGTERM waits for running chat requests before closing (docs/operations.md).
+    drain_timeout_s: float = Field(120.0, ge=MIN_DURATION_S, le=3600)
 
     # Stream failover (issue 16; choices in docs/decisions.md "Stream failover")
     enable_stream_continuation: StrictBool = True

@@ -20,6 +20,7 @@ from rom_agent.domain.events import Events
 from rom_agent.domain.messages import ModelRef
 from rom_agent.flags import FlagStore
 from rom_agent.fleet.coordinator import Fleet
+from rom_agent.http.drain import InFlight
 from rom_agent.instrumentation.prometheus import PrometheusMetrics
 from rom_agent.instrumentation.runtime import EventLoopLag
 from rom_agent.providers.base import Provider
@@ -61,6 +62,7 @@ class Services:
     chat: ChatService
     fleet: Fleet
     api_key_digests: tuple[bytes, ...] = ()
+    in_flight: InFlight = field(default_factory=InFlight)  # chat requests, for the drain
     event_loop_lag: EventLoopLag = field(default_factory=lambda: EventLoopLag(SystemClock()))
     started_at: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
@@ -72,7 +74,7 @@ class Services:
 
     @property
     def draining(self) -> bool:
-        return self.bottleneck.draining
+        return self.in_flight.draining or self.bottleneck.draining
 
     def api_key_valid(self, key: str) -> bool:
         if not key:

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from rom_agent.config import SECRET_KEYS, ConfigError, Settings
 from rom_agent.flags import RUNTIME_KEYS, STATIC_KEYS, AuditEntry, FlagStore, public_value
 from rom_agent.http.errors import ApiError, invalid
-from rom_agent.http.requests import json_response, parse_json_object, read_body
+from rom_agent.http.requests import ascii_int, json_response, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
 from rom_agent.logs import get_logger
 
@@ -97,7 +97,20 @@ async def patch_flags(request: Request) -> Response:
         entry = await services.flags.update(data, client=client_of(request))
     except ConfigError as exc:
         raise invalid(str(exc)) from None
+    warn_if_faults_switched_on(entry)
     return json_response(_changed_view(services.flags, entry))
+
+
+def warn_if_faults_switched_on(entry: AuditEntry) -> None:
+    """Fault injection switched on at runtime persists across restarts: say so loudly."""
+    change = entry.changes.get("ENABLE_FAULT_INJECTION")
+    if change is not None and change.get("new") is True and change.get("old") is not True:
+        log.warning(
+            "FAULT INJECTION SWITCHED ON at runtime: FORCE_ERROR messages and X-Fault headers "
+            "now make requests fail on purpose, and the override survives restarts until "
+            "removed (DELETE /admin/flags/ENABLE_FAULT_INJECTION).",
+            client=entry.client,
+        )
 
 
 async def delete_flag(request: Request) -> Response:
@@ -113,10 +126,10 @@ async def delete_flag(request: Request) -> Response:
 
 
 async def flag_history(request: Request) -> Response:
-    raw = request.query_params.get("limit", str(_HISTORY_DEFAULT))
-    if not raw.isdigit() or not 1 <= int(raw) <= _HISTORY_MAX:
+    limit = ascii_int(request.query_params.get("limit", str(_HISTORY_DEFAULT)))
+    if limit is None or not 1 <= limit <= _HISTORY_MAX:
         raise invalid(f"limit must be an integer from 1 to {_HISTORY_MAX}")
-    entries = await services_of(request).flags.history(int(raw))
+    entries = await services_of(request).flags.history(limit)
     return json_response({"entries": [entry.to_dict() for entry in entries]})
 
 

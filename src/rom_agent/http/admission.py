@@ -4,14 +4,16 @@ soon as the client goes away."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from rom_agent.fleet.leases import FleetAdmission, FleetWaiter
-from rom_agent.http.errors import ApiError
+from rom_agent.http.errors import ApiError, client_closed
 from rom_agent.resilience.bottleneck import Bottleneck, Permit
+
+T = TypeVar("T")
 
 
 async def _disconnected(request: Request) -> None:
@@ -60,3 +62,33 @@ async def _wait(
     abandon()  # leaves the queue; a slot granted meanwhile is passed on
     # Nobody is listening any more; this answer is never delivered.
     raise ApiError(499, "CLIENT_CLOSED_REQUEST", "client disconnected while queued")
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, cancelled as soon as the client disconnects (499 for the logs).
+
+    For a non-streamed answer the client is gone for good: the upstream call is cancelled, the
+    admission slot freed, and the turn is not stored (a commit already under way completes).
+    Runs `work` in this task; one watcher task cancels it. The watcher cannot cancel anything
+    after `work` returns: between that and `watcher.cancel()` there is no await.
+    """
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        # Ours alone (not a server shutdown as well): the answer has nobody to go to.
+        if gone and current.uncancel() == 0:
+            raise client_closed("client disconnected before the answer") from None
+        raise
+    finally:
+        watcher.cancel()

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from rom_agent.agent.chat import ChatTurn
 from rom_agent.domain.messages import ModelRef
-from rom_agent.http.admission import admit
+from rom_agent.http.admission import admit, unless_client_leaves
 from rom_agent.http.errors import ApiError, invalid, to_api_error
 from rom_agent.http.requests import check_api_key, json_response, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
@@ -28,6 +28,17 @@ from rom_agent.resilience.faults import parse_fault_plan
 log = get_logger("rom_agent.http.chat")
 
 _CONVERSATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+CONVERSATION_ID_RULE = "must be 1-128 characters of [A-Za-z0-9_.:-], and not '.' or '..'"
+
+
+def valid_conversation_id(value: object) -> bool:
+    """`.` and `..` would match but cannot be fetched: clients and proxies normalise them out
+    of `/api/conversations/{id}`."""
+    return (
+        isinstance(value, str)
+        and _CONVERSATION_ID.fullmatch(value) is not None
+        and value not in (".", "..")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +50,9 @@ class ChatInput:
 
 def parse_chat_input(data: dict[str, Any], services: Services) -> ChatInput:
     settings = services.flags.current
-    text = data.get("mensagem", data.get("message"))
+    text = data.get("mensagem")
+    if text is None:  # the first non-null of the two names
+        text = data.get("message")
     if text is None:
         raise invalid("field 'mensagem' (or 'message') is required")
     if not isinstance(text, str):
@@ -50,10 +63,8 @@ def parse_chat_input(data: dict[str, Any], services: Services) -> ChatInput:
         raise invalid(f"field 'mensagem' exceeds {settings.max_message_chars} characters")
 
     conversation_id = data.get("conversationId")
-    if conversation_id is not None and (
-        not isinstance(conversation_id, str) or not _CONVERSATION_ID.fullmatch(conversation_id)
-    ):
-        raise invalid("field 'conversationId' must be 1-128 characters of [A-Za-z0-9_.:-]")
+    if conversation_id is not None and not valid_conversation_id(conversation_id):
+        raise invalid(f"field 'conversationId' {CONVERSATION_ID_RULE}")
 
     model = data.get("model")
     if model is not None and not isinstance(model, str):
@@ -106,7 +117,7 @@ async def chat(request: Request) -> Response:
     services = services_of(request)
     permit, turn = await admitted_turn(request, services)
     async with permit:
-        outcome = await services.chat.chat(turn)
+        outcome = await unless_client_leaves(request, services.chat.chat(turn))
     return json_response(outcome.to_dict())
 
 
@@ -179,8 +190,8 @@ async def get_conversation(request: Request) -> Response:
     services = services_of(request)
     conversation_id: str = request.path_params["conversation_id"]
     check_api_key(request, services)
-    if not _CONVERSATION_ID.fullmatch(conversation_id):
-        raise invalid("conversation id must be 1-128 characters of [A-Za-z0-9_.:-]")
+    if not valid_conversation_id(conversation_id):
+        raise invalid(f"conversation id {CONVERSATION_ID_RULE}")
     messages = await services.conversations.get(conversation_id)
     if messages is None:
         raise ApiError(404, "NOT_FOUND", f"conversation {conversation_id!r} not found")

@@ -58,6 +58,7 @@ async def ready(request: Request) -> Response:
     if services.draining:
         status = "draining"
     checks["draining"] = services.draining
+    checks["inFlight"] = services.in_flight.running  # chat requests a SIGTERM would wait for
     code = 200 if status == "ready" or (status == "degraded" and database_ok) else 503
     return _json({"status": status, "checks": checks}, code)
 

@@ -29,7 +29,7 @@ from rom_agent.domain.messages import (
     UsageEvent,
 )
 from rom_agent.domain.options import NO_OPTIONS, GenerationOptions
-from rom_agent.http.admission import admit
+from rom_agent.http.admission import admit, unless_client_leaves
 from rom_agent.http.errors import ApiError, invalid, openai_error_payload, to_api_error
 from rom_agent.http.requests import check_api_key, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of
@@ -225,7 +225,7 @@ async def chat_completions(request: Request) -> Response:
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             streaming = True
             return CompletionStream(completion_chunks(services, call, include_usage), permit)
-        result = await services.pipeline.complete(call)
+        result = await unless_client_leaves(request, services.pipeline.complete(call))
         body = completion_body(result.response, result.model.id)
         return Response(orjson.dumps(body), media_type="application/json")
     except Exception as exc:

@@ -3,6 +3,7 @@ limit, parse it as a JSON object, answer JSON."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -12,11 +13,20 @@ from starlette.responses import Response
 from rom_agent.http.errors import ApiError, invalid
 from rom_agent.services import Services
 
+_ASCII_INT = re.compile(r"[0-9]{1,18}")
+
+
+def ascii_int(raw: str) -> int | None:
+    """A non-negative integer written in ASCII digits only, else None. `str.isdigit()` and
+    `int()` also take "²", "٣" or "1_000"; a header or a query string must not."""
+    return int(raw) if _ASCII_INT.fullmatch(raw) else None
+
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) as soon as it exceeds `limit` — never buffered whole."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size_declared = ascii_int(declared) if declared is not None else None
+    if size_declared is not None and size_declared > limit:
         raise ApiError(413, "BODY_TOO_LARGE", f"request body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0

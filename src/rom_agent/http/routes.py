@@ -4,7 +4,8 @@ Adding a route is one line in `ROUTES`: method, path (Starlette syntax, `{name}`
 read from `request.path_params`), endpoint `async (Request) -> Response`. An endpoint raises
 `ApiError` (or any known failure) and the one error mapper (`errors.error_response_for`) turns
 it into the SPEC body, or OpenAI's body on routes declared with `errors=OPENAI`. A `guard` runs
-before the endpoint (the admin token check). The hot chat routes come first: Starlette's router
+before the endpoint (the admin token check); `drains=True` marks the chat routes a SIGTERM
+waits for (`http/drain.py`). The hot chat routes come first: Starlette's router
 tries routes in order.
 
 Every route is served by the same Starlette application, so a middleware added the usual way
@@ -31,6 +32,7 @@ from rom_agent.http.errors import (
     error_response_for,
     shape_of,
 )
+from rom_agent.http.services import services_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 Guard = Callable[[Request], Awaitable[None]]
@@ -43,12 +45,13 @@ class ApiRoute:
     endpoint: Endpoint
     errors: ErrorShape = SPEC
     guard: Guard | None = None
+    drains: bool = False  # a SIGTERM waits for it; refused with 503 DRAINING once draining
 
 
 ROUTES: tuple[ApiRoute, ...] = (
-    ApiRoute("POST", "/api/chat", chat.chat),
-    ApiRoute("POST", "/api/chat/stream", chat.chat_stream),
-    ApiRoute("POST", "/v1/chat/completions", openai_compat.chat_completions, OPENAI),
+    ApiRoute("POST", "/api/chat", chat.chat, drains=True),
+    ApiRoute("POST", "/api/chat/stream", chat.chat_stream, drains=True),
+    ApiRoute("POST", "/v1/chat/completions", openai_compat.chat_completions, OPENAI, drains=True),
     ApiRoute("GET", "/v1/models", openai_compat.list_models, OPENAI),
     ApiRoute("POST", "/v1/responses", responses_api.create_response, OPENAI),
     ApiRoute("GET", "/v1/models/{model_id:path}", openai_compat.get_model, OPENAI),
@@ -87,13 +90,24 @@ class _Handler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, send)
         route = self.route
+        in_flight = services_of(request).in_flight if route.drains else None
         try:
-            if route.guard is not None:
-                await route.guard(request)
-            response = await route.endpoint(request)
+            if in_flight is not None:
+                in_flight.enter()
         except Exception as exc:
-            response = error_response_for(exc, route.errors)
-        await response(scope, receive, send)
+            await error_response_for(exc, route.errors)(scope, receive, send)
+            return
+        try:
+            try:
+                if route.guard is not None:
+                    await route.guard(request)
+                response = await route.endpoint(request)
+            except Exception as exc:
+                response = error_response_for(exc, route.errors)
+            await response(scope, receive, send)
+        finally:
+            if in_flight is not None:
+                in_flight.exit()
 
 
 class TableRoute(Route):

@@ -172,10 +172,10 @@ def parse_fault_header(value: str) -> dict[str, object]:
 
 
 def _int(key: str, raw: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"X-Fault: {key} must be an integer, got {raw!r}") from None
+    digits = raw.removeprefix("-")
+    if not (digits.isascii() and digits.isdigit()):  # int() also takes "٣", " 3" and "1_0"
+        raise ValueError(f"X-Fault: {key} must be an integer, got {raw!r}")
+    value = int(raw)
     if not low <= value <= high:
         raise ValueError(f"X-Fault: {key} must be between {low} and {high}, got {value}")
     return value

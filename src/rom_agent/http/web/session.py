@@ -76,7 +76,7 @@ def new_cookie_value(token: str, now: float | None = None) -> str:
 def parse_session(value: str, token: str, now: float | None = None) -> Session | None:
     expiry, _, rest = value.partition(".")
     nonce, _, mac = rest.partition(".")
-    if not (expiry.isdigit() and nonce and mac):
+    if not (expiry.isascii() and expiry.isdigit() and nonce and mac):
         return None
     key = _key(token)
     if not hmac.compare_digest(mac, _mac(key, "session", f"{expiry}.{nonce}")):
