@@ -301,3 +301,88 @@ def test_a_client_leaving_a_non_streamed_chat_cancels_it_and_nothing_is_stored(
         assert metric(running.url, counted) == 1.0
         with running.client() as client:
             assert client.get("/api/conversations/left-early").status_code == 404
+
+
+# ------------------------------------------------------------------ 5. connection limits
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_and_body(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory):
+    tmp_path = tmp_path_factory.mktemp("limits")
+    env = env_for(
+        tmp_path,
+        HEADER_TIMEOUT_S="0.5",
+        BODY_TIMEOUT_S="0.5",
+        KEEPALIVE_TIMEOUT_S="0.5",
+        MAX_HEADER_BYTES="16384",
+    )
+    service = ServiceProcess(env, tmp_path).start()
+    yield service
+    service.stop()
+
+
+def connect(service: ServiceProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", service.port))
+    sock.settimeout(10)  # far above the limits under test: a hang fails instead of blocking
+    return sock
+
+
+def test_oversized_headers_are_a_431_and_the_connection_closes(limited) -> None:
+    with connect(limited) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        status, body = status_and_body(read_all(sock))
+    assert status == 431
+    assert body["code"] == "HEADERS_TOO_LARGE" and body["status"] == 431
+    # Just under the limit is fine.
+    ok = httpx.get(limited.url + "/health", headers={"x-big": "a" * 15_000})
+    assert ok.status_code == 200
+
+
+def test_headers_that_never_finish_are_a_408(limited) -> None:
+    with connect(limited) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+        status, body = status_and_body(read_all(sock))
+    assert (status, body["code"]) == (408, "REQUEST_TIMEOUT")
+
+
+def test_a_connection_that_sends_nothing_is_closed(limited) -> None:
+    with connect(limited) as sock:
+        raw = read_all(sock)
+    assert status_and_body(raw)[0] == 408
+
+
+def test_a_body_shorter_than_its_content_length_is_a_408(limited) -> None:
+    with connect(limited) as sock:
+        sock.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"mensagem": "'
+        )
+        status, body = status_and_body(read_all(sock))
+    assert (status, body["code"]) == (408, "REQUEST_TIMEOUT")
+
+
+def test_an_idle_keep_alive_connection_is_closed(limited) -> None:
+    with connect(limited) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = read_all(sock)  # the answer, then the close once idle
+    assert raw.startswith(b"HTTP/1.1 200")
+
+
+def test_a_malformed_request_gets_the_json_error_body(limited) -> None:
+    with connect(limited) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        status, body = status_and_body(read_all(sock))
+    assert (status, body["code"]) == (400, "INVALID_REQUEST")

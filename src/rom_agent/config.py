@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     stream_idle_timeout_s: float = Field(10.0, ge=MIN_DURATION_S, le=3600)  # issue 16: was 30
     # How long a SIGTERM waits for running chat requests before closing (docs/operations.md).
     drain_timeout_s: float = Field(120.0, ge=MIN_DURATION_S, le=3600)
+    # Connection limits (http/protocol.py): a slow or oversized request is refused and closed.
+    max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
+    header_timeout_s: float = Field(10.0, ge=MIN_DURATION_S, le=600)
+    body_timeout_s: float = Field(30.0, ge=MIN_DURATION_S, le=3600)
+    keepalive_timeout_s: float = Field(5.0, ge=MIN_DURATION_S, le=600)
 
     # Stream failover (issue 16; choices in docs/decisions.md "Stream failover")
     enable_stream_continuation: StrictBool = True

@@ -18,6 +18,7 @@ import uvicorn
 
 from rom_agent import __version__
 from rom_agent.config import Settings
+from rom_agent.http.protocol import protocol_for
 from rom_agent.logs import get_logger
 from rom_agent.services import Services
 
@@ -80,7 +81,8 @@ def run(settings: Settings, services: Services) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_for(settings),
+        timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,

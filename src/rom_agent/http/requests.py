@@ -3,6 +3,7 @@ limit, parse it as a JSON object, answer JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -23,7 +24,22 @@ def ascii_int(raw: str) -> int | None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds `limit` — never buffered whole."""
+    """The request body, refusing (413) as soon as it exceeds `limit` — never buffered whole —
+    and (408, connection closed) when it is not all there within `BODY_TIMEOUT_S`."""
+    timeout_s = request.app.state.services.flags.current.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "REQUEST_TIMEOUT",
+            f"request body not received within {timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     size_declared = ascii_int(declared) if declared is not None else None
     if size_declared is not None and size_declared > limit:
