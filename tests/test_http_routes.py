@@ -148,3 +148,16 @@ def test_an_unexpected_failure_in_an_endpoint_is_a_500_in_the_routes_shape(
         running.services.conversations.get = broken  # type: ignore[method-assign]
         body = spec_error(client.get("/api/conversations/abc"), 500, "INTERNAL")
         assert "secret" not in body["error"]
+
+
+def test_a_refused_cors_preflight_is_the_json_error_body(tmp_path: Path) -> None:
+    settings = isolated_settings(tmp_path, cors_origins="https://ok.example")
+    with running_app(settings) as running, running.client() as client:
+        preflight = {"access-control-request-method": "POST"}
+        refused = client.options(
+            "/api/chat", headers={**preflight, "origin": "https://evil.example"}
+        )
+        spec_error(refused, 400, "CORS_REJECTED")
+        allowed = client.options("/api/chat", headers={**preflight, "origin": "https://ok.example"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://ok.example"

@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from dotenv import dotenv_values
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from rom_agent.agent.chat import ChatService
@@ -22,7 +21,7 @@ from rom_agent.flags import FlagStore, load_persisted_overrides
 from rom_agent.fleet.coordinator import Fleet
 from rom_agent.http import admin
 from rom_agent.http.errors import ErrorMapperMiddleware
-from rom_agent.http.middleware import RequestContextMiddleware
+from rom_agent.http.middleware import JsonCORSMiddleware, RequestContextMiddleware
 from rom_agent.http.routes import ROUTES, TableRouter
 from rom_agent.instrumentation import runtime
 from rom_agent.instrumentation.prometheus import PrometheusMetrics
@@ -175,7 +174,7 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Servi
     if settings.cors_origins:
         middleware.append(
             Middleware(
-                CORSMiddleware,
+                JsonCORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "PATCH", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "X-Request-Id"],

@@ -12,9 +12,13 @@ import re
 import time
 
 import structlog
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rom_agent.domain.events import Events, HttpRequestServed, RetryAfterGiven
+from rom_agent.http.errors import error_body
 from rom_agent.logs import get_logger
 
 _INCOMING_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
@@ -78,3 +82,23 @@ class RequestContextMiddleware:
                 duration_ms=round(elapsed * 1000, 2),
             )
             structlog.contextvars.unbind_contextvars("request_id")
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight in the SPEC error body, not plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        return Response(
+            error_body(400, "CORS_REJECTED", bytes(response.body).decode()),
+            status_code=400,
+            headers=headers,
+            media_type="application/json",
+        )
