@@ -54,33 +54,37 @@ _LAX = {("PATCH", "/admin/flags")}
 _CHANGES = {"method": ["PATCH", "POST", "DELETE"], "path_regex": "^/admin/"}
 
 
+def _checked(operation: Any, url: str, excluded: list[Any], counter: list[int]) -> Any:
+    """A Hypothesis test calling one operation with `EXAMPLES` cases, all checks on."""
+
+    @given(case=operation.as_strategy())
+    @FUZZ
+    def check(case: Any) -> None:
+        counter[0] += 1
+        # As a header of the case, so the auth checks know it is the credential.
+        case.headers = {**(case.headers or {}), "X-Admin-Token": ADMIN}
+        case.call_and_validate(base_url=url, excluded_checks=excluded)
+
+    return check
+
+
 def fuzz(url: str, *, changes: bool) -> tuple[int, int, list[str]]:
-    """Every selected operation, `EXAMPLES` deterministic cases each, all checks on.
-    Returns (operations, examples, failures)."""
+    """Every selected operation; returns (operations, examples, failures)."""
     loaded = schemathesis.openapi.from_url(url + "/openapi.json")
     selected = loaded.include(**_CHANGES) if changes else loaded.exclude(**_CHANGES)
-    operations = examples = 0
+    operations = 0
+    examples = [0]
     failures: list[str] = []
     for result in selected.get_all_operations():
         operation = result.ok()
         operations += 1
         key = (operation.method.upper(), operation.path)
         excluded = [positive_data_acceptance, negative_data_rejection] if key in _LAX else []
-
-        @given(case=operation.as_strategy())
-        @FUZZ
-        def check(case: Any) -> None:
-            nonlocal examples
-            examples += 1
-            # As a header of the case, so the auth checks know it is the credential.
-            case.headers = {**(case.headers or {}), "X-Admin-Token": ADMIN}
-            case.call_and_validate(base_url=url, excluded_checks=excluded)
-
         try:
-            check()
+            _checked(operation, url, excluded, examples)()
         except Exception as exc:  # every failing operation is reported, not just the first
             failures.append(f"{key[0]} {key[1]}: {exc}")
-    return operations, examples, failures
+    return operations, examples[0], failures
 
 
 FUZZ = settings(

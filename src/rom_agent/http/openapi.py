@@ -69,8 +69,12 @@ def flag_changes() -> Schema:
 
 def _text(settings: Settings) -> Schema:
     # At least one character that is not whitespace: an empty message is a 400.
-    return {"type": "string", "minLength": 1, "maxLength": settings.max_message_chars,
-            "pattern": r"[^\s\x1c-\x1f\x85]"}  # fmt: skip
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_message_chars,
+        "pattern": r"[^\s\x1c-\x1f\x85]",
+    }
 
 
 def components(settings: Settings, models: list[str]) -> Schema:
@@ -142,7 +146,7 @@ def components(settings: Settings, models: list[str]) -> Schema:
                 "usage",
                 "latencyMs",
                 "toolsUsed",
-            ],  # fmt: skip
+            ],
             "properties": {
                 "response": {"type": "string"},
                 "conversationId": {"type": "string"},
@@ -451,7 +455,7 @@ def paths(models: list[str]) -> dict[str, dict[str, Schema]]:
                         "required": True,
                         "schema": {"enum": ["open", "close", "reset"]},
                     },
-                ],  # fmt: skip
+                ],
                 admin=True,
             )
         },
