@@ -64,17 +64,25 @@ async def _wait(
     raise ApiError(499, "CLIENT_CLOSED_REQUEST", "client disconnected while queued")
 
 
+# Answers faster than this are sent before a watcher would have seen anything; slower ones
+# (real models: seconds) are watched from then on. Saves a task per fast request.
+WATCH_AFTER_S = 0.05
+
+
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     """`await work`, cancelled as soon as the client disconnects (499 for the logs).
 
     For a non-streamed answer the client is gone for good: the upstream call is cancelled, the
     admission slot freed, and the turn is not stored (a commit already under way completes).
-    Runs `work` in this task; one watcher task cancels it. The watcher cannot cancel anything
-    after `work` returns: between that and `watcher.cancel()` there is no await.
+    `work` runs in this task; a watcher task, started once the work has taken `WATCH_AFTER_S`,
+    cancels it. The watcher cannot cancel anything after `work` returns: between that and
+    `watcher.cancel()` there is no await.
     """
+    loop = asyncio.get_running_loop()
     current = asyncio.current_task()
     assert current is not None
     gone = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -82,7 +90,11 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
         gone = True
         current.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watching)
     try:
         return await work
     except asyncio.CancelledError:
@@ -91,4 +103,6 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
             raise client_closed("client disconnected before the answer") from None
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
