@@ -8,6 +8,7 @@ depend on the order the operations run in.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,7 +115,7 @@ def test_every_api_route_is_documented_and_nothing_else(service: RunningApp) -> 
     documented = {
         (method.upper(), path) for path, item in document["paths"].items() for method in item
     }
-    served = {(r.method, r.path) for r in ROUTES} - WEB
+    served = {(r.method, re.sub(r"{(\w+):\w+}", r"{\1}", r.path)) for r in ROUTES} - WEB
     assert documented == served
     for path, item in document["paths"].items():
         for method, operation in item.items():

@@ -215,6 +215,34 @@ def components(settings: Settings, models: list[str]) -> Schema:
                 "usage": {"type": "object"},
             },
         },
+        "ResponseRequest": {
+            "type": "object",
+            "required": ["model", "input"],
+            "properties": {
+                "model": model,
+                "input": text,
+                "instructions": {"type": "string"},
+                "stream": {"type": "boolean"},
+                "max_output_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            },
+            "additionalProperties": False,
+        },
+        "Response": {
+            "type": "object",
+            "required": ["id", "object", "model", "output"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "response"},
+                "model": {"type": "string"},
+                "output": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {"id": {"type": "string"}, "object": {"const": "model"}},
+        },
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
@@ -358,6 +386,36 @@ def paths(models: list[str]) -> dict[str, dict[str, Schema]]:
                     **openai_errors,
                 },
                 body="ChatCompletionRequest",
+            )
+        },
+        "/v1/responses": {
+            "post": _operation(
+                "OpenAI-compatible Responses API (JSON, or SSE events with `stream: true`)",
+                {
+                    "200": {
+                        "description": "a response, or its events",
+                        "content": {
+                            "application/json": {"schema": _ref("Response")},
+                            "text/event-stream": {"schema": _SSE_EVENT},
+                        },
+                    },
+                    **openai_errors,
+                },
+                body="ResponseRequest",
+            )
+        },
+        "/v1/models/{model_id}": {
+            "get": _operation(
+                "One configured model (id or provider/id)",
+                {"200": _json(_ref("Model"), "the model"), **_errors(401, 404, openai=True)},
+                parameters=[
+                    {
+                        "name": "model_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
             )
         },
         "/v1/models": {

@@ -47,6 +47,7 @@ from rom_agent.providers.base import (
 from rom_agent.providers.openai_wire import (
     UnsupportedParameter,
     WireFormatError,
+    _integer,
     content_text,
     tool_choice_of,
     tool_use_of,
@@ -226,13 +227,8 @@ def build_response_call(
                     continue
                 raise UnsupportedParameter(name, f"'{name}': {_REFUSED[name]}")
             raise UnsupportedParameter(name, f"Unrecognized request argument supplied: {name}")
-        limit = data.get("max_output_tokens")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1_000_000
-        ):
-            raise UnsupportedParameter(
-                "max_output_tokens", "'max_output_tokens' must be an integer ≥ 1"
-            )
+        # The codec's integer rule, as for max_tokens: 1.5 refused, 1.0 is JSON's integer 1.
+        limit = _integer(data, "max_output_tokens", 1, 1_000_000)
         choice = data.get("tool_choice")
         if isinstance(choice, dict) and choice.get("type") == "function":
             choice = {"type": "function", "function": {"name": choice.get("name")}}

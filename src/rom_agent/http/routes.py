@@ -53,7 +53,7 @@ ROUTES: tuple[ApiRoute, ...] = (
     ApiRoute("POST", "/api/chat/stream", chat.chat_stream, drains=True),
     ApiRoute("POST", "/v1/chat/completions", openai_compat.chat_completions, OPENAI, drains=True),
     ApiRoute("GET", "/v1/models", openai_compat.list_models, OPENAI),
-    ApiRoute("POST", "/v1/responses", responses_api.create_response, OPENAI),
+    ApiRoute("POST", "/v1/responses", responses_api.create_response, OPENAI, drains=True),
     ApiRoute("GET", "/v1/models/{model_id:path}", openai_compat.get_model, OPENAI),
     ApiRoute("GET", "/api/conversations/{conversation_id}", chat.get_conversation),
     ApiRoute("GET", "/health", health.health),
