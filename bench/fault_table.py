@@ -75,7 +75,7 @@ def render(rows: list[dict[str, Any]], summary: str) -> str:
                         row["model"],
                         upstream,
                         row["note"],
-                        row.get("before") or "same",
+                        row.get("before") or "same (unaffected)",
                     )
                 )
                 + " |"

@@ -207,6 +207,7 @@ class Fault:
     prefills: tuple[int, int] = (0, 0)  # prefilled requests received by (primary, backup)
     settings: tuple[tuple[str, Any], ...] = ()  # gateway settings of this row
     compare: bool = False  # also run it with continuation and hedging off: the "before"
+    before: str = ""  # what it did before issue 16, when no flag reproduces it
 
     def expected_text(self) -> str:
         if self.expected is not None:
@@ -373,6 +374,7 @@ OPENAI_FAULTS = [
         expected=PRIMARY_TEXT,
         requests=(2, 1),
         counted=2,
+        compare=True,
         id="prefill-rejecting-fallback-undeclared",
     ),
     Fault(
@@ -385,6 +387,7 @@ OPENAI_FAULTS = [
         prefills=(0, 1),
         counted=2,
         settings=(("prefill_models", "openai/backup"),),
+        compare=True,
         id="prefill-rejected-by-declared-fallback",
     ),
     Fault(
@@ -398,6 +401,7 @@ OPENAI_FAULTS = [
         prefills=(0, 1),
         counted=2,
         settings=(("prefill_models", "openai/backup"),),
+        compare=True,
         id="prefill-fallback-continues",
     ),
     Fault(
@@ -415,12 +419,14 @@ OPENAI_FAULTS = [
         persistent=Behaviour(text=PRIMARY_TEXT, first_byte_delay_s=0.05),
         requests=(1, 0),
         settings=(("hedge_delay_s", 0.5), ("first_token_timeout_s", 2.0)),
+        compare=True,
         id="slow-primary-not-hedged",
     ),
     Fault(
         "`finish_reason` and usage, then a clean end without `[DONE]`",
         persistent=Behaviour(text=PRIMARY_TEXT, usage=(21, 11), omit_done=True),
         usage=(21, 11),
+        before="a cut: error STREAM_INTERRUPTED, not stored (fault table of 2026-11-26)",
         id="no-done-after-finish-reason",
     ),
     Fault(

@@ -239,7 +239,7 @@ def sdk_stream(
 def test_fault_matrix_streaming_with_the_sdk(
     tmp_path: Path, fake: FakeOpenAI, fault: Fault
 ) -> None:
-    before = ""
+    before = fault.before
     if fault.compare:  # the same fault with continuation and hedging off, recorded
         off = {"enable_stream_continuation": False, "enable_hedging": False}
         got, _, raised, counted, _ = sdk_stream(

@@ -165,7 +165,7 @@ def run_fault(
     **overrides: Any,
 ) -> None:
     """Run one fault through the stream route; `backup_fake` serves the OpenAI provider."""
-    before = ""
+    before = fault.before
     if fault.compare:
         before = before_status(tmp_path, fault, primary_fake, backup_fake, **overrides)
     stage(fault, primary_fake, backup_fake)
@@ -328,6 +328,7 @@ BEDROCK_FAULTS = [
         "Bedrock `messageStop` without the `metadata` frame (clean end)",
         persistent=Behaviour(text=PRIMARY_TEXT, omit_done=True),
         usage=(0, 0),
+        before="same (already complete after `messageStop`)",
         id="no-metadata",
     ),
     Fault(
@@ -359,6 +360,7 @@ BEDROCK_FAULTS = [
         chunks=2,
         requests=(2, 1),
         counted=2,
+        compare=True,
         id="cut-fallback-diverges",
     ),
     Fault(
@@ -717,5 +719,6 @@ def test_hedges_stop_when_their_budget_is_spent(tmp_path: Path, openai_fake: Fak
             upstream=counts,
             note="hedges started 3, refused by the budget 2; the 3 primaries that lost were "
             "cancelled and not counted by the breaker",
+            before="no hedging: all 5 answered by the primary after 0.5 s (not re-run)",
         )
     )
