@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from starlette.requests import Request
@@ -49,7 +49,7 @@ from rom_agent.providers.openai_wire import (
     tools_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
-from rom_agent.resilience.pipeline import ModelCall, StreamStart
+from rom_agent.resilience.pipeline import ModelCall, StreamItem, StreamStart
 
 log = get_logger("rom_agent.http.openai_compat")
 
@@ -244,9 +244,9 @@ class CompletionStream(PermitStream):
     instead of a 200 whose body is an error.
     """
 
-    async def stream_response(self, send: Send) -> None:
+    async def stream_response(self, send: Send, first: bytes | None = None) -> None:
         try:
-            first = await anext(self.events)
+            first = await anext(self.events) if first is None else first
         except Exception as exc:
             error = _error_response(_api_error(exc))
             await send(
@@ -271,7 +271,8 @@ async def completion_chunks(
     after the first chunk becomes an error chunk and the stream closes without `[DONE]`, so
     no client mistakes a cut answer for a complete one.
     """
-    items = services.pipeline.stream(call)
+    # An async generator (closed below so the upstream call is cancelled with the client).
+    items = cast(AsyncGenerator[StreamItem, None], services.pipeline.stream(call))
     try:
         start = await anext(items)  # the commit point; pipeline errors propagate from here
         assert isinstance(start, StreamStart), "a committed stream starts with StreamStart"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from starlette.requests import Request
@@ -53,7 +53,7 @@ from rom_agent.providers.openai_wire import (
     tool_use_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
-from rom_agent.resilience.pipeline import ModelCall, StreamStart
+from rom_agent.resilience.pipeline import ModelCall, StreamItem, StreamStart
 
 # Fields and what the gateway does with them (docs/openai.md). Anything else is refused.
 _HANDLED = frozenset(
@@ -414,7 +414,8 @@ async def response_events(
     """`response.created`, `response.in_progress`, the output items with their deltas, then
     `response.completed` — or, after the commit point, `error` and `response.failed`. Before
     the first item a failure propagates (an ordinary HTTP error, see `CompletionStream`)."""
-    items = services.pipeline.stream(call)
+    # An async generator (closed below so the upstream call is cancelled with the client).
+    items = cast(AsyncGenerator[StreamItem, None], services.pipeline.stream(call))
     emit = _EventWriter()
     try:
         start = await anext(items)

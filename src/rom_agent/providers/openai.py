@@ -7,7 +7,7 @@ and the error taxonomy. Stop reasons are normalised to the Converse vocabulary (
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -225,7 +225,7 @@ def _in_stream_error(chunk: dict[str, Any]) -> ProviderError:
     return _error_from_body(None, chunk, None)
 
 
-async def iter_sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+async def iter_sse_batches(content: aiohttp.StreamReader) -> AsyncGenerator[list[bytes], None]:
     """The `data` of the server-sent events completed by each network read, whatever the
     chunking (no line-length limit). Batched per read so that events which arrived together
     can travel on together (see `StreamAccumulator.handle_batch`)."""
