@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pytest
+import uvloop
+
 from rom_agent.config import load_settings
 from rom_agent.domain.errors import (
     ErrorKind,
@@ -278,3 +281,15 @@ def make_harness(**overrides: Any) -> Harness:
     provider = ScriptedProvider(clock)
     pipeline = Pipeline(flags, {"simulator": provider}, breakers, events, clock)
     return Harness(clock, flags, metrics, breakers, provider, pipeline, events)
+
+
+# --------------------------------------------------------------------------- event loops
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Import into a test module to run its async tests on asyncio's loop and on uvloop
+    (production's): pytest-asyncio builds each test's loop from this policy."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()

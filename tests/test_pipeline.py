@@ -31,6 +31,9 @@ from tests.scripted_provider import (
     transient,
 )
 
+# Every async test of this module runs on asyncio and on uvloop (production's loop).
+from tests.scripted_provider import event_loop_policy as event_loop_policy
+
 OP = "converse"
 
 

@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
+from rom_agent.domain.events import StreamInterrupted
 from rom_agent.domain.messages import (
     StopEvent,
     TextDelta,
@@ -20,6 +23,7 @@ from rom_agent.domain.messages import (
     Usage,
     UsageEvent,
 )
+from rom_agent.instrumentation.testing import EventRecorder
 from rom_agent.resilience.errors import CircuitOpenError, StreamInterruptedError
 from rom_agent.resilience.pipeline import StreamStart
 from tests.scripted_provider import (
@@ -34,6 +38,9 @@ from tests.scripted_provider import (
     settle,
     transient,
 )
+
+# Every async test of this module runs on asyncio and on uvloop (production's loop).
+from tests.scripted_provider import event_loop_policy as event_loop_policy
 
 OP = "converse"
 STOP = StopEvent("end_turn")
@@ -176,6 +183,31 @@ async def test_cut_after_the_first_chunk_is_an_interruption_never_a_retry() -> N
     assert h.provider.calls() == 1  # no retry, no fallback
     assert counted(h, "failure") == 1
     assert h.sample("llm_request_duration_seconds_count", model="rom-sim-1", outcome="error") == 1
+
+
+async def test_an_interrupted_stream_logs_one_warning_and_reports_an_event() -> None:
+    """Issue 12 #8: request id, model, cause and chunks sent, once per broken stream."""
+    h = make_harness(enable_circuit_breaker=True)
+    recorder = EventRecorder.on(h.events)
+    h.provider.script("rom-sim-1", Stream.of("a", "b", "c", transient(503)))
+    structlog.contextvars.bind_contextvars(request_id="req-42")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            _, error = await consume(h)
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    assert error is not None
+    warnings = [entry for entry in logs if entry["event"] == "stream interrupted"]
+    assert len(warnings) == 1
+    line = warnings[0]
+    assert line["log_level"] == "warning"
+    assert line["model"] == "simulator/rom-sim-1"
+    assert line["cause"] == "STREAM_INTERRUPTED"
+    assert line["chunks_sent"] == 3
+    assert line["request_id"] == "req-42"
+    assert recorder.of(StreamInterrupted) == [
+        StreamInterrupted("rom-sim-1", "STREAM_INTERRUPTED", line["detail"], 3, "req-42")
+    ]
 
 
 async def test_model_error_mid_stream_interrupts_but_is_not_counted() -> None:

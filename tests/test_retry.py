@@ -105,6 +105,13 @@ def test_retry_after_beyond_the_deadline_leaves_the_model() -> None:
     assert env.sample("retry_attempts_total", model=MODEL, reason="rate_limited") == 0
 
 
+def test_a_wait_ending_exactly_at_the_deadline_is_not_made() -> None:
+    """The boundary: a retry that would start at the deadline has no time left to run."""
+    env = Env()
+    assert env.delay(transient(429, retry_after_s=30.0), deadline=30.0) is None
+    assert env.delay(transient(429, retry_after_s=30.0), deadline=30.001) == 30.0
+
+
 def test_backoff_beyond_the_deadline_leaves_the_model() -> None:
     env = Env(retry_base_delay_ms=8000, retry_max_delay_ms=8000)
     assert env.delay(transient(), deadline=0.01) is None
@@ -169,6 +176,16 @@ def test_budget_grows_with_traffic_as_a_ratio() -> None:
         env.retry.begin(MODEL, env.flags.current)
     granted = sum(env.delay(transient()) is not None for _ in range(20))
     assert granted == 10  # 20 % of 50
+
+
+@pytest.mark.parametrize(("requests", "allowed"), [(16, 3), (26, 5), (29, 5), (30, 6)])
+def test_budget_is_the_floor_of_ratio_times_requests(requests: int, allowed: int) -> None:
+    """Issue 12 #7: 16 requests x 0.2 = 3.2 allow 3 retries (documented), not 4."""
+    env = Env(retry_budget_ratio=0.2)
+    for _ in range(requests):
+        env.retry.begin(MODEL, env.flags.current)
+    granted = sum(env.delay(transient()) is not None for _ in range(20))
+    assert granted == allowed
 
 
 def test_budget_window_slides_on_the_clock() -> None:
@@ -253,6 +270,31 @@ async def test_pipeline_budget_exhaustion_moves_to_the_next_model() -> None:
     assert h.provider.calls(MODEL) == 1 + MIN_RETRIES_PER_WINDOW
     assert result.model.id == "rom-sim-2"
     assert h.sample("retry_budget_exhausted_total", model=MODEL) == 1
+
+
+async def test_no_backoff_is_slept_before_a_call_the_breaker_will_refuse() -> None:
+    """Issue 16 #5: the failure that opens the breaker leaves the model at once."""
+    h = make_harness(enable_circuit_breaker=True, circuit_breaker_threshold=2, max_retries=5)
+    h.provider.script(MODEL, transient(503), transient(503), transient(503))
+    result = await h.complete()
+    assert h.provider.calls(MODEL) == 2  # the second failure opened the breaker
+    assert len(h.clock.slept) == 1  # one backoff, before the second call; none after it
+    assert result.model.id == "rom-sim-2"
+    assert h.sample("retry_attempts_total", model=MODEL, reason="error") == 1
+
+
+async def test_a_backoff_longer_than_the_cooldown_is_still_slept() -> None:
+    """A breaker that will admit a probe by the end of the wait does not stop the retry."""
+    h = make_harness(
+        enable_circuit_breaker=True,
+        circuit_breaker_threshold=1,
+        circuit_breaker_cooldown_s=1,
+        max_retries=1,
+    )
+    h.provider.script(MODEL, transient(429, retry_after_s=5.0))
+    result = await h.complete()
+    assert h.clock.slept == [5.0]
+    assert result.model.id == MODEL  # the probe after the wait answered
 
 
 async def test_pipeline_with_retry_disabled_makes_one_attempt_per_model() -> None:

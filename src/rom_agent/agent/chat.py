@@ -9,7 +9,6 @@ leaves no trace in the history (a half answer would mislead the next turn).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -166,7 +165,7 @@ class ChatService:
         # The deadline covers the whole run, tool time included; the pipeline enforces it
         # between and within model calls, this bounds everything else.
         try:
-            async with asyncio.timeout(max(0.0, turn.deadline - self._clock.now())):
+            async with pipeline.timeout_at(turn.deadline):
                 result: AgentResult[PipelineResult] = await self._agent.run(
                     [*history, user], call_model
                 )

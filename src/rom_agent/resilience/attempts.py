@@ -61,6 +61,9 @@ class Attempt:
     fault: FaultPlan | None
     started: float
     budget_s: float  # min(ATTEMPT_TIMEOUT_S, time left)
+    # The request deadline, not ATTEMPT_TIMEOUT_S, set `budget_s`: a timer armed for it that
+    # fires is the deadline's (decided here, when armed, never by re-reading a clock).
+    deadline_binds: bool
 
 
 AttemptBody = Callable[[Attempt], Awaitable[T]]
@@ -175,7 +178,14 @@ class AttemptRunner:
                 ):
                     raise RequestRejectedError(model.id, error) from error
                 delay = self._retry.delay_before_retry(
-                    model.id, error, calls - 1, call.deadline, settings
+                    model.id,
+                    error,
+                    calls - 1,
+                    call.deadline,
+                    settings,
+                    # Our own failures may just have opened the breaker: consult it before
+                    # sleeping a backoff it would answer with a refusal.
+                    refused_for_s=self._breakers.get(model.id).retry_after_s(),
                 )
                 if delay is None:
                     raise _LeaveModel(AttemptFailure.from_error(model.id, error, calls)) from error
@@ -195,7 +205,9 @@ class AttemptRunner:
         """One provider attempt under a breaker permit. The body records success itself (a
         stream only knows at its end); every other outcome is settled here."""
         started = self.clock.now()
-        budget_s = min(settings.attempt_timeout_s, call.deadline - started)
+        left_s = call.deadline - started
+        deadline_binds = left_s <= settings.attempt_timeout_s
+        budget_s = left_s if deadline_binds else settings.attempt_timeout_s
         request = ChatRequest(
             model=model.id,
             messages=call.messages,
@@ -208,7 +220,9 @@ class AttemptRunner:
             hints=call.hints,
         )
         fault = call.fault if call.fault is not None and call.fault.affects(model.id) else None
-        attempt = Attempt(call, run, model, provider, permit, request, fault, started, budget_s)
+        attempt = Attempt(
+            call, run, model, provider, permit, request, fault, started, budget_s, deadline_binds
+        )
         self.events.emit(AttemptStarted, model.id)
         try:
             return await once(attempt)
@@ -273,9 +287,11 @@ class AttemptRunner:
         self.finished(attempt, "success", usage)
 
     def timed_out(
-        self, attempt: Attempt, limit_s: float, error_type: str
+        self, attempt: Attempt, limit_s: float, error_type: str, *, deadline: bool
     ) -> ProviderError | DeadlineExceededError:
-        if self.clock.now() >= attempt.call.deadline:
+        """The error for a timer of `limit_s` that fired; `deadline`: it was armed for the
+        request deadline (the shorter budget), so it is not the model's fault."""
+        if deadline:
             return DeadlineExceededError(attempt.run.tried)
         # Our own timeouts move on to the next model instead of spending the deadline on a
         # model that was just too slow: not retryable, but counted by the breaker.

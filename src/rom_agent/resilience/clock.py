@@ -28,7 +28,15 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real thing: `time.monotonic`, `asyncio.sleep`, and a private `random.Random`."""
+    """The real thing: the running event loop's clock, `asyncio.sleep`, and a private
+    `random.Random`.
+
+    `now()` reads the clock the loop's timers run on (`loop.time()`), so a deadline computed
+    from `now()` and a timer armed for it agree: uvloop's clock is millisecond-grained and
+    cached per iteration, and mixing it with `time.monotonic()` made a deadline timer look
+    like it fired early. Outside a running loop (startup, threads) it is `time.monotonic()`,
+    the same base both loops use.
+    """
 
     __slots__ = ("_rng",)
 
@@ -36,7 +44,10 @@ class SystemClock:
         self._rng = random.Random(seed)
 
     def now(self) -> float:
-        return time.monotonic()
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

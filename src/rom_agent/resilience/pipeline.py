@@ -15,6 +15,8 @@ beyond wiring.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from rom_agent.domain.events import Events
 from rom_agent.domain.messages import ChatResponse, ModelRef
@@ -77,6 +79,11 @@ class Pipeline:
         """A request deadline REQUEST_TIMEOUT_S from now, on the pipeline's clock."""
         return self._clock.now() + self._flags.current.request_timeout_s
 
+    def timeout_at(self, deadline: float) -> AbstractAsyncContextManager[Any]:
+        """`async with` bound that fires at `deadline` on the pipeline's clock and timers (a
+        whole run's deadline: one time source with every attempt's)."""
+        return self._runner.timeout(max(0.0, deadline - self._clock.now()))
+
     async def complete(self, call: ModelCall) -> PipelineResult:
         run = ChainRun(call.chain, self._events)
         response, index = await self._runner.walk(call, run, self._complete_once)
@@ -93,7 +100,9 @@ class Pipeline:
                 else:
                     response = await attempt.provider.complete(attempt.request)
         except TimeoutError:
-            raise runner.timed_out(attempt, attempt.budget_s, ATTEMPT_TIMEOUT) from None
+            raise runner.timed_out(
+                attempt, attempt.budget_s, ATTEMPT_TIMEOUT, deadline=attempt.deadline_binds
+            ) from None
         runner.succeeded(attempt, response.usage)
         return response
 

@@ -12,13 +12,15 @@ on an upstream that is already failing.
 * A `Retry-After` hint makes the wait `max(backoff, hint)`; a wait that would end past the
   request deadline is not made: the model is left for the next one instead.
 * Retry budget, per model and process: in a sliding 10 s window (ten 1 s buckets on the
-  injected clock) retries may not exceed `max(3, RETRY_BUDGET_RATIO × requests)`, where a
+  injected clock) retries may not exceed `max(3, floor(RETRY_BUDGET_RATIO × requests))`, where a
   request is one request reaching this model. The floor of 3 keeps retries working at low
   traffic; the ratio caps amplification at 1 + ratio under sustained failure (Envoy, Finagle,
   SRE book). A refused retry is counted (`retry_budget_exhausted_total`) and the chain moves on.
 """
 
 from __future__ import annotations
+
+import math
 
 from rom_agent.config import Settings
 from rom_agent.domain.errors import ProviderError
@@ -67,7 +69,8 @@ class RetryBudget:
 
     def try_spend(self, now: float, ratio: float) -> bool:
         requests, retries = self.window(now)
-        if retries >= max(MIN_RETRIES_PER_WINDOW, ratio * requests):
+        # At most floor(ratio × requests): 16 requests × 0.2 allow 3 retries, not 4.
+        if retries >= max(MIN_RETRIES_PER_WINDOW, math.floor(ratio * requests)):
             return False
         self._retries[self._slot(now)] += 1
         return True
@@ -112,15 +115,20 @@ class Retry:
         retries_made: int,
         deadline: float,
         settings: Settings,
+        refused_for_s: float = 0.0,
     ) -> float | None:
-        """Seconds to wait before retrying `model`, or None: leave this model."""
+        """Seconds to wait before retrying `model`, or None: leave this model.
+
+        `refused_for_s`: how long the model's breaker will refuse calls from now. A wait that
+        ends before then is not made (no sleep before a call the breaker will refuse), nor
+        counted as a retry."""
         if not settings.enable_retry or not error.retryable or retries_made >= settings.max_retries:
             return None
         delay = backoff_s(retries_made, settings, self._clock.random())
         if error.retry_after_s is not None and error.retry_after_s > delay:
             delay = error.retry_after_s
         now = self._clock.now()
-        if now + delay >= deadline:
+        if now + delay >= deadline or refused_for_s > delay:
             return None
         if not self.budget(model).try_spend(now, settings.retry_budget_ratio):
             self._events.emit(RetryBudgetExhausted, model)

@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import structlog
+
 from rom_agent.domain.errors import ErrorKind, ProviderError
-from rom_agent.domain.events import FirstToken
+from rom_agent.domain.events import FirstToken, StreamInterrupted
 from rom_agent.domain.messages import StopEvent, StreamEvent, Usage, UsageEvent
 from rom_agent.logs import get_logger
 from rom_agent.resilience.attempts import Attempt, AttemptRunner
@@ -73,7 +75,11 @@ async def open_stream(
     """Attempt body: read the upstream until its first content event, within the first-token
     timeout. `on_first_token(model, seconds)` learns the model's time to first token."""
     clock = runner.clock
-    limit_s = min(runner.flags.current.first_token_timeout_s, attempt.budget_s)
+    first_token_timeout_s = runner.flags.current.first_token_timeout_s
+    # The deadline binds the first token when it set the attempt's budget and that budget is
+    # the shorter one (ties go to the deadline: it has passed either way).
+    deadline_binds = attempt.deadline_binds and attempt.budget_s <= first_token_timeout_s
+    limit_s = attempt.budget_s if deadline_binds else first_token_timeout_s
     first_token_by = attempt.started + limit_s
     if attempt.fault is not None:
         upstream = attempt.fault.stream(attempt.provider, attempt.request, clock)
@@ -92,7 +98,9 @@ async def open_stream(
                     error_type="StreamCut",
                 ) from None
             except TimeoutError:
-                raise runner.timed_out(attempt, limit_s, FIRST_TOKEN_TIMEOUT) from None
+                raise runner.timed_out(
+                    attempt, limit_s, FIRST_TOKEN_TIMEOUT, deadline=deadline_binds
+                ) from None
             head.append(event)
             if not isinstance(event, UsageEvent):
                 runner.events.emit(FirstToken, attempt.model.id, clock.now() - attempt.started)
@@ -110,7 +118,17 @@ async def open_stream(
 class CommittedStream:
     """The stream after its commit point: reads the upstream and settles how it ends."""
 
-    __slots__ = ("_head", "attempt", "broke", "runner", "settled", "stop", "upstream", "usage")
+    __slots__ = (
+        "_head",
+        "attempt",
+        "broke",
+        "chunks_sent",
+        "runner",
+        "settled",
+        "stop",
+        "upstream",
+        "usage",
+    )
 
     def __init__(self, runner: AttemptRunner, opened: OpenedStream) -> None:
         self.runner = runner
@@ -121,6 +139,7 @@ class CommittedStream:
         self.settled = False
         self.broke: StreamBreak | None = None
         self._head = opened.head
+        self.chunks_sent = 0  # content events passed on to the caller
 
     def take_head(self) -> list[StreamEvent]:
         """The events read before the commit (the first content event last)."""
@@ -135,14 +154,18 @@ class CommittedStream:
             return ()
         if isinstance(event, UsageEvent):
             self.usage += event.usage
+        else:
+            self.chunks_sent += 1
         return (event,)
 
     async def next_event(self) -> StreamEvent | None:
         """The next upstream event, or None at its end. After the terminator the answer is
         complete and a failure only ends the stream; before it, it interrupts the stream."""
         runner, attempt, stopped = self.runner, self.attempt, self.stop is not None
-        settings = runner.flags.current
-        wait_s = min(settings.stream_idle_timeout_s, attempt.call.deadline - runner.clock.now())
+        idle_s = runner.flags.current.stream_idle_timeout_s
+        left_s = attempt.call.deadline - runner.clock.now()
+        deadline_binds = left_s <= idle_s  # decided when armed, not after it fired
+        wait_s = left_s if deadline_binds else idle_s
         try:
             async with runner.timeout(wait_s):
                 return await anext(self.upstream)
@@ -151,7 +174,7 @@ class CommittedStream:
         except TimeoutError:
             if stopped:
                 return None
-            if wait_s < settings.stream_idle_timeout_s:
+            if deadline_binds:
                 raise self._interrupt("request deadline exceeded", DEADLINE) from None
             raise self._interrupt(f"no data for {wait_s:g} s", STALL) from None
         except ProviderError as error:
@@ -188,6 +211,20 @@ class CommittedStream:
         else:
             attempt.permit.record_ignored()
         self.runner.finished(attempt, how.outcome)
+        # One warning per broken stream: the access line alone says 200. The request id is
+        # the one the HTTP layer bound to the log context.
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        log.warning(
+            "stream interrupted",
+            request_id=request_id,
+            model=attempt.model.qualified,
+            cause=how.code,
+            detail=message,
+            chunks_sent=self.chunks_sent,
+        )
+        self.runner.events.emit(
+            StreamInterrupted, attempt.model.id, how.code, message, self.chunks_sent, request_id
+        )
         return StreamInterruptedError(
             f"Stream from {attempt.model.id} interrupted: {message}", how.code, how.status
         )
