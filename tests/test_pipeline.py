@@ -237,12 +237,13 @@ async def test_each_retry_attempt_goes_through_the_breaker() -> None:
     h = make_harness(enable_circuit_breaker=True, circuit_breaker_threshold=2, max_retries=3)
     h.provider.script("rom-sim-1", transient(), transient(), transient())
     result = await h.complete()
-    # Two counted failures opened it; the retry that followed was refused by it.
+    # Two counted failures opened it; no retry is slept for or tried against it.
     assert h.provider.calls("rom-sim-1") == 2
     assert h.state("rom-sim-1") == "OPEN"
     assert result.model == SIM2
     assert result.tried[0].reason == "error"  # what the model did, not our rejection
-    assert breaker_count(h, "rejected", "rom-sim-1") == 1
+    assert breaker_count(h, "rejected", "rom-sim-1") == 0
+    assert len(h.clock.slept) == 1
 
 
 async def test_cancelled_request_releases_its_probe_uncounted() -> None:
