@@ -7,4 +7,5 @@ scripts/ensure_engines.sh
 scripts/ensure_promtool.sh
 scripts/ensure_chromium.sh
 .venv/bin/ruff check --quiet
+.venv/bin/mypy  # --strict on src/ ([tool.mypy] in pyproject.toml); must report 0 errors
 exec .venv/bin/python -m pytest "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import cast
 
 from dotenv import dotenv_values
 from starlette.applications import Starlette
@@ -64,7 +65,8 @@ def build_providers(settings: Settings, chain: Sequence[ModelRef]) -> dict[str, 
 
 def env_keys() -> frozenset[str]:
     """Which settings came from the environment or `.env` (for `sources` in /admin/flags)."""
-    dotenv = {key.upper() for key in dotenv_values(Settings.model_config.get("env_file"))}
+    env_file = cast("str | None", Settings.model_config.get("env_file"))  # ".env" (config.py)
+    dotenv = {key.upper() for key in dotenv_values(env_file)}
     return frozenset(
         name
         for name in Settings.model_fields

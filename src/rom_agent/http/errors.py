@@ -8,6 +8,7 @@ raise their usual exceptions; the SPEC's `status` and `code` ride along at the t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import orjson
@@ -35,7 +36,7 @@ class ApiError(Exception):
         code: str,
         message: str,
         *,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         openai_code: str | None = None,
         param: str | None = None,
     ) -> None:
@@ -43,7 +44,7 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
-        self.headers = headers or {}
+        self.headers: Mapping[str, str] = headers or {}
         self.openai_code = openai_code  # OpenAI's own code for this error, where it has one
         self.param = param
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -49,7 +49,7 @@ from rom_agent.providers.openai_wire import (
     tools_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
-from rom_agent.resilience.pipeline import ModelCall, StreamItem, StreamStart
+from rom_agent.resilience.pipeline import ModelCall, StreamStart
 
 log = get_logger("rom_agent.http.openai_compat")
 
@@ -272,7 +272,7 @@ async def completion_chunks(
     no client mistakes a cut answer for a complete one.
     """
     # An async generator (closed below so the upstream call is cancelled with the client).
-    items = cast(AsyncGenerator[StreamItem, None], services.pipeline.stream(call))
+    items = services.pipeline.stream(call)
     try:
         start = await anext(items)  # the commit point; pipeline errors propagate from here
         assert isinstance(start, StreamStart), "a committed stream starts with StreamStart"

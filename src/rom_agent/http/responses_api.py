@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -53,7 +53,7 @@ from rom_agent.providers.openai_wire import (
     tool_use_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
-from rom_agent.resilience.pipeline import ModelCall, StreamItem, StreamStart
+from rom_agent.resilience.pipeline import ModelCall, StreamStart
 
 # Fields and what the gateway does with them (docs/openai.md). Anything else is refused.
 _HANDLED = frozenset(
@@ -415,7 +415,7 @@ async def response_events(
     `response.completed` — or, after the commit point, `error` and `response.failed`. Before
     the first item a failure propagates (an ordinary HTTP error, see `CompletionStream`)."""
     # An async generator (closed below so the upstream call is cancelled with the client).
-    items = cast(AsyncGenerator[StreamItem, None], services.pipeline.stream(call))
+    items = services.pipeline.stream(call)
     emit = _EventWriter()
     try:
         start = await anext(items)

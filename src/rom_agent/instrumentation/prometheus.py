@@ -51,7 +51,7 @@ from rom_agent.domain.events import (
 from rom_agent.flags import FlagStore
 
 # `*_created` series double the exposition for no operator value.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 
 OPERATION = "converse"
 

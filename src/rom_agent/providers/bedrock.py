@@ -9,7 +9,7 @@ exactly one HTTP request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -350,7 +350,7 @@ class EventStreamDecoding(StreamDecoding):
     def __init__(self) -> None:
         self.decoder = StreamDecoder()
 
-    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamEvent]:
+    async def events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[StreamEvent, None]:
         decoder = self.decoder
         frames = EventStreamBuffer()
         async for chunk in response.content.iter_any():

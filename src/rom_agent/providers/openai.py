@@ -184,7 +184,7 @@ class SseDecoding(StreamDecoding):
         self.accumulator = StreamAccumulator()
         self.empty = True  # no server-sent event at all
 
-    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamEvent]:
+    async def events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[StreamEvent, None]:
         accumulator = self.accumulator
         batches = iter_sse_batches(response.content)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -189,7 +189,7 @@ class StreamDecoding(ABC):
     )
 
     @abstractmethod
-    def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[StreamEvent]:
+    def events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[StreamEvent, None]:
         """The content events of the body, up to the protocol's end (not the ending)."""
 
     @property

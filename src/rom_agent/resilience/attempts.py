@@ -241,14 +241,14 @@ class AttemptRunner:
             # A provider broke its contract (errors must be ProviderError). Treat it as an
             # upstream failure so the breaker and the fallback still protect the request.
             log.exception("unclassified provider error", model=model.qualified)
-            error = ProviderError(
+            wrapped = ProviderError(
                 ErrorKind.TRANSIENT,
                 f"unexpected {type(exc).__name__} from provider {model.provider}",
                 error_type=type(exc).__name__,
                 retryable=False,
             )
-            self.failed(attempt, error)
-            raise error from exc
+            self.failed(attempt, wrapped)
+            raise wrapped from exc
 
     # ------------------------------------------------------------------ outcomes
 

@@ -10,7 +10,7 @@ when another model takes over), content and usage events, and the terminator las
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from rom_agent.domain.messages import StreamEvent, TextDelta, ToolUseEvent
 from rom_agent.resilience.attempts import AttemptRunner
@@ -24,7 +24,7 @@ from rom_agent.resilience.stream import CommittedStream
 
 async def run_stream(
     runner: AttemptRunner, hedging: Hedging, call: ModelCall
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     """`StreamStart`, then the answer's events (see `Pipeline.stream`)."""
     run = ChainRun(call.chain, runner.events)
     opened, index = await open_hedged(runner, hedging, call, run)

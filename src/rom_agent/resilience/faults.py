@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from rom_agent.config import Settings
 from rom_agent.domain.errors import (
@@ -139,9 +140,10 @@ def parse_fault_plan(message: str, header: str | None, settings: Settings) -> Fa
     return FaultPlan(force_error=force_error, **fields)
 
 
-def parse_fault_header(value: str) -> dict[str, object]:
+def parse_fault_header(value: str) -> dict[str, Any]:
     """`X-Fault` → FaultPlan keyword arguments."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
+    parsed: Any
     for part in value.split(";"):
         part = part.strip()
         if not part:

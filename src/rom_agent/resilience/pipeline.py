@@ -14,7 +14,7 @@ beyond wiring.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -106,7 +106,7 @@ class Pipeline:
         runner.succeeded(attempt, response.usage)
         return response
 
-    def stream(self, call: ModelCall) -> AsyncIterator[StreamItem]:
+    def stream(self, call: ModelCall) -> AsyncGenerator[StreamItem, None]:
         """`StreamStart`, then the winning upstream's events: content, `UsageEvent`s, and
         `StopEvent` always last. Ends cleanly only after the upstream's terminator; otherwise
         raises `StreamInterruptedError`. Before `StreamStart` it may raise any pipeline

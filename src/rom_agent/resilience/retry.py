@@ -78,7 +78,8 @@ class RetryBudget:
 
 def backoff_s(retry_index: int, settings: Settings, random: float) -> float:
     """Full-jitter delay before retry `retry_index` (0 = the first retry), in seconds."""
-    cap = min(settings.retry_max_delay_ms, settings.retry_base_delay_ms * 2**retry_index)
+    growth: int = 2**retry_index
+    cap = min(settings.retry_max_delay_ms, settings.retry_base_delay_ms * growth)
     return random * cap / 1000.0
 
 

@@ -54,7 +54,8 @@ class _ClockTimeout:
     ) -> bool | None:
         if self._watcher is not None:
             self._watcher.cancel()
-        return await self._timeout.__aexit__(exc_type, exc, tb)
+        await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError itself
+        return None
 
 
 def clock_timeouts(clock: Clock) -> TimeoutFactory:
