@@ -114,5 +114,7 @@ def test_a_binding_deadline_is_the_deadline_never_the_model(loop: str, streaming
             "circuit_breaker_failure_total", {"operation": "converse", "model": model}
         )
         assert failures == 0, model
-    assert provider.calls == {SIM1.id: REQUESTS}
+    # The first model was called (unless the deadline passed before the attempt could start,
+    # which a loaded machine can make happen); the second one never.
+    assert 0 < provider.calls[SIM1.id] <= REQUESTS
     assert SIM2.id not in provider.calls
