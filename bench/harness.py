@@ -50,6 +50,7 @@ LITELLM_BIN = BENCH / ".venv-litellm" / "bin" / "litellm"
 LITELLM_VERSION = "1.108.7"
 
 sys.path.insert(0, str(BENCH))
+import flamegraph  # noqa: E402
 import loadgen  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -742,6 +743,28 @@ def curve(plan: Plan, series: list[Service]) -> dict[str, list[dict[str, Any]]]:
     return points
 
 
+def flame_graphs(plan: Plan, service: Service) -> dict[str, dict[str, str]]:
+    """py-spy flame graphs of ours under the throughput and the streaming load, taken in extra
+    windows after the measured rounds (sampling costs the gateway a little CPU)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, body, seconds in (
+        ("throughput", BODY, plan.throughput_s),
+        ("streaming", STREAM_BODY, plan.stream_s),
+    ):
+        svg = RESULTS / f"flame-{name}.svg"
+        settle()
+        status = flamegraph.record(
+            service.pid,
+            svg,
+            seconds,
+            lambda b=body, s=seconds: wrk(service, b, s + 1),  # outlasts the sampler
+            pin_to(LOAD_CPU),
+        )
+        out[name] = {"svg": str(svg.relative_to(ROOT)), "status": status}
+        log(f"flame graph {name}: {status} ({svg.relative_to(ROOT)})")
+    return out
+
+
 def overload_phase(plan: Plan, service: Service, upstream: Service) -> dict[str, Any]:
     unloaded_rate, overload_rate = OVERLOAD_CAPACITY / 2, OVERLOAD_CAPACITY * 10
     rounds: list[dict[str, Any]] = []
@@ -892,14 +915,15 @@ def run(args: argparse.Namespace) -> Path:
                 plan.closed_rounds, pairs, plan.throughput_s
             )
 
-        streamers = [g for g in live if g.key != "ours_info"]
         log("phase: streaming (32 connections, upstream delay 0)")
         st = interleaved(
             plan.closed_rounds,
-            streamers,
+            live,  # ours_info too: issue 19's stream target is at LOG_LEVEL=info
             lambda s: closed_loop(s, STREAM_BODY, plan.stream_s),
             "stream",
         )
+        if "ours" in by_key and not args.no_flame:
+            results["flame_graphs"] = flame_graphs(plan, by_key["ours"])
 
         log(f"phase: latency at {plan.latency_rate:g} req/s, upstream delay 20 ms")
         set_upstream_delay(20)
@@ -927,7 +951,12 @@ def run(args: argparse.Namespace) -> Path:
             f"{phase}_{key}_{a}_over_{b}": paired(data, a, b, key)
             for phase, data in (("throughput", tp), ("streaming", st))
             for key in ("rps", "cpu_s_per_1k")
-            for a, b in (("ours", "bare"), ("ours", "litellm"), ("ours", "ours_off"))
+            for a, b in (
+                ("ours", "bare"),
+                ("ours", "litellm"),
+                ("ours", "ours_off"),
+                ("ours_info", "bare"),
+            )
         }
         results["paired"]["throughput_cpu_s_per_1k_ours_info_over_ours"] = paired(
             tp, "ours_info", "ours", "cpu_s_per_1k"
@@ -1012,6 +1041,9 @@ def main() -> None:
         help="also measure ours at LOG_LEVEL=info (default: on in full runs)",
     )
     parser.add_argument("--no-curve", action="store_true", help="skip the latency/load curve")
+    parser.add_argument(
+        "--no-flame", action="store_true", help="skip the py-spy flame graphs of ours"
+    )
     parser.add_argument("--no-report", action="store_true", help="do not regenerate the doc")
     args = parser.parse_args()
     unknown = set(args.gateways) - {"bare", "litellm", "ours"}

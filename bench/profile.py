@@ -81,17 +81,21 @@ def main() -> None:
     parser.add_argument("--flags", choices=("on", "off"), default="on")
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--stream", action="store_true", help="profile streaming requests")
+    parser.add_argument("--log-level", default="warning", help="LOG_LEVEL of ours")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(harness.ROOT / ".venv" / "bin" / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("py-spy missing: .venv/bin/pip install py-spy")
     seconds = max(3, min(args.seconds, 120))
     flags = harness.OURS_ON if args.flags == "on" else harness.OURS_OFF
+    flags = {**flags, "LOG_LEVEL": args.log_level}
     nothing = argparse.Namespace(gateways=[], ours_path="/v1/chat/completions", info=False)
     upstream, _, _ = harness.build_services(nothing)
     ours = harness.ours_service("ours", f"ours, flags {args.flags}", flags, nothing.ours_path)
     os.sched_setaffinity(0, {harness.LOAD_CPU})
     name = f"profile-{args.flags}" + ("-stream" if args.stream else "")
+    if args.log_level != "warning":
+        name += f"-{args.log_level}"
     raw = harness.WORK / f"{name}.txt"
     body = harness.STREAM_BODY if args.stream else harness.BODY
     try:

@@ -45,6 +45,13 @@ if ! "$VENV/bin/python" -c "import matplotlib" 2>/dev/null; then
     "$VENV/bin/pip" install -q -c "$ROOT/constraints.txt" 'matplotlib>=3.8'
 fi
 
+if [[ ! -x "$VENV/bin/py-spy" ]]; then
+    # The flame graphs of ours (bench/flamegraph.py); a bench tool, never a project dependency.
+    say "installing py-spy into the project venv"
+    "$VENV/bin/pip" install -q 'py-spy>=0.4,<0.5' ||
+        say "py-spy did not install: the run goes on without flame graphs" >&2
+fi
+
 wants_litellm=1
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
