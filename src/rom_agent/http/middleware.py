@@ -19,12 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rom_agent.domain.events import Events, HttpRequestServed, RetryAfterGiven
 from rom_agent.http.errors import error_body
-from rom_agent.logs import get_logger
+from rom_agent.logs import ACCESS_LOG
 
 _INCOMING_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _HEADER = b"x-request-id"
-
-log = get_logger("rom_agent.http")
 
 
 def new_request_id() -> str:
@@ -74,12 +72,8 @@ class RequestContextMiddleware:
             if retry_after is not None:
                 with contextlib.suppress(ValueError):  # an HTTP date: not ours, not counted
                     self.events.emit(RetryAfterGiven, path, float(retry_after))
-            log.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                duration_ms=round(elapsed * 1000, 2),
+            ACCESS_LOG.request(
+                scope["method"], scope["path"], status, round(elapsed * 1000, 2), request_id
             )
             structlog.contextvars.unbind_contextvars("request_id")
 
