@@ -67,6 +67,10 @@ _LATENCY_BUCKETS = (0.005, 0.025, *LLM_BUCKETS)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+Observe = Callable[[float], None]
+Count = Callable[[float], None]
+
+
 class BreakerStates(Protocol):
     def observed_states(self) -> Iterable[tuple[str, str]]:
         """(model id, state name) for every breaker as of now, without changing any."""
@@ -122,6 +126,10 @@ class PrometheusMetrics:
     def __init__(self, enabled: Callable[[], bool], models: Sequence[str]) -> None:
         self._enabled = enabled
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # Every request's two events, pre-bound: the children's `inc`/`observe` by the event's
+        # own fields — one dict lookup per event (no id-keyed tuple, `str(status)`, `_child`).
+        self._http_bound: dict[tuple[str, int], tuple[Callable[[], None], Observe]] = {}
+        self._attempt_bound: dict[tuple[str, str], tuple[Observe, Count, Count]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.breaker_source: BreakerStates | None = None
         self.admission_source: AdmissionGauges | None = None
@@ -388,10 +396,19 @@ class PrometheusMetrics:
         self._child(self.guardrails_triggered, event.reason).inc()
 
     def _on_attempt_finished(self, event: AttemptFinished) -> None:
-        self._child(self.llm_duration, event.model, event.outcome).observe(event.seconds)
+        key = (event.model, event.outcome)
+        bound = self._attempt_bound.get(key)
+        if bound is None:
+            bound = self._attempt_bound[key] = (
+                self._child(self.llm_duration, event.model, event.outcome).observe,
+                self._child(self.llm_tokens, event.model, "input").inc,
+                self._child(self.llm_tokens, event.model, "output").inc,
+            )
+        observe, count_input, count_output = bound
+        observe(event.seconds)
         if event.outcome == "success":
-            self._child(self.llm_tokens, event.model, "input").inc(event.input_tokens)
-            self._child(self.llm_tokens, event.model, "output").inc(event.output_tokens)
+            count_input(event.input_tokens)
+            count_output(event.output_tokens)
 
     def _on_first_token(self, event: FirstToken) -> None:
         self._child(self.llm_first_token, event.model).observe(event.seconds)
@@ -400,5 +417,13 @@ class PrometheusMetrics:
         self._child(self.retry_after, event.route).observe(event.seconds)
 
     def _on_http_request(self, event: HttpRequestServed) -> None:
-        self._child(self.http_requests, event.route, str(event.status)).inc()
-        self._child(self.http_duration, event.route).observe(event.seconds)
+        key = (event.route, event.status)
+        bound = self._http_bound.get(key)
+        if bound is None:
+            bound = self._http_bound[key] = (
+                self._child(self.http_requests, event.route, str(event.status)).inc,
+                self._child(self.http_duration, event.route).observe,
+            )
+        count, observe = bound
+        count()
+        observe(event.seconds)
