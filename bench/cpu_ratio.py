@@ -9,6 +9,7 @@ the absolute CPU-seconds per 1,000 requests come from `/proc/<pid>/stat` (CPU ti
 clock). Not a substitute for `bench/run.sh`.
 
     .venv/bin/python bench/cpu_ratio.py [--stream] [--rounds 5] [--seconds 4] [--log-level info]
+                                        [--src /tmp/before/src]
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        help="run ours from another checkout's src/ (the before of a change: "
+        "`git archive main src | tar -x -C /tmp/before`, then --src /tmp/before/src)",
+    )
     args = parser.parse_args()
     # Free ports, not the benchmark's fixed ones: a benchmark may be running beside this.
     for key in ("upstream", "bare", "ours"):
@@ -49,6 +56,8 @@ def main() -> None:
     upstream, gateways, _ = harness.build_services(wanted)
     flags = {**harness.OURS_ON, "LOG_LEVEL": args.log_level}
     ours = harness.ours_service("ours", "ours, every flag on", flags, wanted.ours_path)
+    if args.src is not None:
+        ours.env["PYTHONPATH"] = str(args.src.resolve())  # ahead of the venv's editable install
     services = [*gateways, ours]
     body = harness.STREAM_BODY if args.stream else harness.BODY
     try:
