@@ -17,15 +17,14 @@ from rom_agent.domain.messages import (
     ToolUseEvent,
     Usage,
 )
+from rom_agent.providers.openai_request import request_json
+from rom_agent.providers.openai_stream import ChunkWriter, StreamAccumulator
 from rom_agent.providers.openai_wire import (
-    ChunkWriter,
-    StreamAccumulator,
     WireFormatError,
     completion_json,
     finish_reason_of,
     messages_json,
     messages_of,
-    request_json,
     response_of,
     stop_reason_of,
     tools_of,

@@ -30,7 +30,7 @@ from rom_agent.domain.messages import (
     UsageEvent,
 )
 from rom_agent.providers.openai import NO_FINISH, OpenAIProvider, iter_sse_batches
-from rom_agent.providers.openai_wire import StreamAccumulator
+from rom_agent.providers.openai_stream import StreamAccumulator
 from tests.fakes import (
     BEHAVIOUR_HEADER,
     DUMMY_API_KEY,

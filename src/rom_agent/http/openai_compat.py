@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -36,16 +36,17 @@ from rom_agent.http.services import Services, services_of
 from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
 from rom_agent.providers.base import unsupported_options
-from rom_agent.providers.openai_wire import (
-    ChunkWriter,
+from rom_agent.providers.openai_request import (
     UnsupportedParameter,
+    max_tokens_of,
+    options_of,
+    temperature_of,
+)
+from rom_agent.providers.openai_stream import ChunkWriter, sse
+from rom_agent.providers.openai_wire import (
     WireFormatError,
     completion_json,
-    max_tokens_of,
     messages_of,
-    options_of,
-    sse,
-    temperature_of,
     tools_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
@@ -205,7 +206,17 @@ async def get_model(request: Request) -> Response:
     )
 
 
-async def chat_completions(request: Request) -> Response:
+# What a route answers with: a whole response, or the SSE frames of a stream (which holds the
+# admission permit until it ends).
+Answer = Response | AsyncGenerator[bytes, None]
+
+
+async def serve_admitted(
+    request: Request,
+    answer: Callable[[Request, dict[str, Any], Services], Awaitable[Answer]],
+) -> Response:
+    """The frame both OpenAI routes share: API key, body, admission, then `answer` with the
+    parsed body; any failure becomes an error in OpenAI's shape."""
     services = services_of(request)
     try:
         check_api_key(request, services)
@@ -215,24 +226,38 @@ async def chat_completions(request: Request) -> Response:
         return _error_response(_api_error(exc))
     streaming = False
     try:
-        data = parse_json_object(raw)
-        call = build_call(data, services, request.headers.get("x-fault"))
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise invalid("'stream' must be a boolean")
-        if stream:
-            options = data.get("stream_options") or {}
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            streaming = True
-            return CompletionStream(completion_chunks(services, call, include_usage), permit)
-        result = await unless_client_leaves(request, services.pipeline.complete(call))
-        body = completion_body(result.response, result.model.id)
-        return Response(orjson.dumps(body), media_type="application/json")
+        result = await answer(request, parse_json_object(raw), services)
+        if isinstance(result, Response):
+            return result
+        streaming = True
+        return CompletionStream(result, permit)
     except Exception as exc:
         return _error_response(_api_error(exc))
     finally:
         if not streaming:
             permit.release()
+
+
+def stream_flag(data: dict[str, Any]) -> bool:
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be a boolean")
+    return stream
+
+
+async def chat_completions(request: Request) -> Response:
+    return await serve_admitted(request, _answer_completion)
+
+
+async def _answer_completion(request: Request, data: dict[str, Any], services: Services) -> Answer:
+    call = build_call(data, services, request.headers.get("x-fault"))
+    if stream_flag(data):
+        options = data.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return completion_chunks(services, call, include_usage)
+    result = await unless_client_leaves(request, services.pipeline.complete(call))
+    body = completion_body(result.response, result.model.id)
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 class CompletionStream(PermitStream):

@@ -19,20 +19,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rom_agent.domain.options import GenerationOptions, ResponseFormat
-from rom_agent.http.admission import admit
 from rom_agent.http.errors import invalid
 from rom_agent.http.openai_compat import (
-    CompletionStream,
+    Answer,
     _api_error,
-    _error_response,
     check_options,
     parse_chain,
+    serve_admitted,
+    stream_flag,
 )
-from rom_agent.http.requests import check_api_key, parse_json_object, read_body
-from rom_agent.http.services import Services, services_of
+from rom_agent.http.services import Services
 from rom_agent.providers.base import (
     ChatResponse,
-    ContentBlock,
     Message,
     StopEvent,
     TextBlock,
@@ -44,12 +42,11 @@ from rom_agent.providers.base import (
     Usage,
     UsageEvent,
 )
+from rom_agent.providers.openai_request import UnsupportedParameter, _integer, tool_choice_of
 from rom_agent.providers.openai_wire import (
-    UnsupportedParameter,
+    TurnBuilder,
     WireFormatError,
-    _integer,
-    content_text,
-    tool_choice_of,
+    limited_text,
     tool_use_of,
 )
 from rom_agent.resilience.faults import parse_fault_plan
@@ -103,15 +100,8 @@ def parse_input(raw: Any, max_chars: int) -> tuple[list[str], list[Message]]:
         raw = [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or not raw:
         raise invalid("'input' must be a non-empty string or list of items")
-    system: list[str] = []
-    messages: list[Message] = []
-    results: list[ContentBlock] = []
-
-    def flush() -> None:
-        if results:
-            messages.append(Message("user", tuple(results)))
-            results.clear()
-
+    turns = TurnBuilder()
+    messages = turns.messages
     for index, item in enumerate(raw):
         where = f"input[{index}]"
         if not isinstance(item, dict):
@@ -120,20 +110,17 @@ def parse_input(raw: Any, max_chars: int) -> tuple[list[str], list[Message]]:
         if kind == "message":
             role = item.get("role")
             try:
-                text = content_text(item.get("content"), where)
+                text = limited_text(item, where, max_chars)
             except WireFormatError as exc:
                 raise invalid(str(exc)) from None
-            if len(text) > max_chars:
-                raise invalid(f"{where}: content exceeds {max_chars} characters")
             if role in ("system", "developer"):
-                system.append(text)
+                turns.system.append(text)
             elif role in ("user", "assistant"):
-                flush()
-                messages.append(Message(role, (TextBlock(text),)))
+                turns.add(Message(role, (TextBlock(text),)))
             else:
                 raise invalid(f"{where}: unknown role {role!r}")
         elif kind == "function_call":
-            flush()
+            turns.flush()
             call = {
                 "id": item.get("call_id"),
                 "function": {"name": item.get("name"), "arguments": item.get("arguments")},
@@ -151,13 +138,13 @@ def parse_input(raw: Any, max_chars: int) -> tuple[list[str], list[Message]]:
             output = item.get("output")
             if not isinstance(output, str):
                 raise invalid(f"{where}: 'output' must be a string")
-            results.append(ToolResultBlock(str(item.get("call_id") or ""), output))
+            turns.add_result(ToolResultBlock(str(item.get("call_id") or ""), output))
         else:
             raise invalid(f"{where}: input items of type {kind!r} are not supported")
-    flush()
+    turns.flush()
     if not messages:
         raise invalid("'input' needs at least one user message")
-    return system, messages
+    return turns.system, messages
 
 
 def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
@@ -365,32 +352,18 @@ class ResponseShell:
 
 
 async def create_response(request: Request) -> Response:
-    services = services_of(request)
-    try:
-        check_api_key(request, services)
-        raw = await read_body(request, services.flags.current.max_body_bytes)
-        permit = await admit(request, services.bottleneck)
-    except Exception as exc:
-        return _error_response(_api_error(exc))
-    streaming = False
-    try:
-        data = parse_json_object(raw)
-        call = build_response_call(data, services, request.headers.get("x-fault"))
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise invalid("'stream' must be a boolean")
-        shell = ResponseShell(data, call)
-        if stream:
-            streaming = True
-            return CompletionStream(response_events(services, call, shell), permit)
-        result = await services.pipeline.complete(call)
-        body = shell.complete_body(result.response, result.model.id)
-        return Response(orjson.dumps(body), media_type="application/json")
-    except Exception as exc:
-        return _error_response(_api_error(exc))
-    finally:
-        if not streaming:
-            permit.release()
+    return await serve_admitted(request, _answer_response)
+
+
+async def _answer_response(request: Request, data: dict[str, Any], services: Services) -> Answer:
+    call = build_response_call(data, services, request.headers.get("x-fault"))
+    stream = stream_flag(data)
+    shell = ResponseShell(data, call)
+    if stream:
+        return response_events(services, call, shell)
+    result = await services.pipeline.complete(call)
+    body = shell.complete_body(result.response, result.model.id)
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 # --------------------------------------------------------------------------- streaming

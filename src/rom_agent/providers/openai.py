@@ -35,11 +35,11 @@ from rom_agent.providers.base import (
     classify_status,
     parse_retry_after,
 )
+from rom_agent.providers.openai_request import request_json
+from rom_agent.providers.openai_stream import StreamAccumulator
 from rom_agent.providers.openai_wire import (
-    StreamAccumulator,
     completion_chars,
     estimate_usage,
-    request_json,
     response_of,
     stop_reason_of,
 )
@@ -170,7 +170,7 @@ def _check_finish(finish: str | None) -> None:
 
 
 class SseDecoding(StreamDecoding):
-    """An SSE body of chat.completion.chunk objects (see `openai_wire.StreamAccumulator`).
+    """An SSE body of chat.completion.chunk objects (see `openai_stream.StreamAccumulator`).
 
     The answer is whole once a choice carried its `finish_reason` and the body ended, with or
     without `data: [DONE]` (several servers omit it). `[DONE]` without a finish_reason is a
