@@ -11,7 +11,8 @@ from rom_agent.config import Settings
 from rom_agent.domain.events import Events
 from rom_agent.flags import FlagStore
 from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
-from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck, Permit
+from rom_agent.resilience.admission_permits import AdmissionRejected, Permit
+from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.clock import FakeClock
 
 OP = {"operation": "converse"}

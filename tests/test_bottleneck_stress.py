@@ -18,7 +18,8 @@ from rom_agent.config import Settings
 from rom_agent.domain.events import AdmissionGranted, Event, Events
 from rom_agent.flags import FlagStore
 from rom_agent.instrumentation.prometheus import PrometheusMetrics
-from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck
+from rom_agent.resilience.admission_permits import AdmissionRejected
+from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.clock import FakeClock
 
 STEPS = 1500

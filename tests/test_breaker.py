@@ -9,7 +9,8 @@ import pytest
 
 from rom_agent.domain.events import Events
 from rom_agent.instrumentation.prometheus import PrometheusMetrics as Metrics
-from rom_agent.resilience.breaker import NOOP_PERMIT, BreakerOpen, BreakerRegistry, State
+from rom_agent.resilience.breaker import BreakerRegistry
+from rom_agent.resilience.breaker_states import NOOP_PERMIT, BreakerOpen, State
 from rom_agent.resilience.clock import FakeClock
 from tests.scripted_provider import make_flags
 

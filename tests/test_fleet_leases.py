@@ -14,7 +14,8 @@ from rom_agent.config import Settings
 from rom_agent.flags import FlagStore
 from rom_agent.fleet.leases import FleetAdmission, FleetWaiter
 from rom_agent.fleet.shared_state import FAILURES_TO_OPEN, SharedState
-from rom_agent.resilience.bottleneck import AdmissionRejected, Bottleneck, Permit
+from rom_agent.resilience.admission_permits import AdmissionRejected, Permit
+from rom_agent.resilience.bottleneck import Bottleneck
 from rom_agent.resilience.clock import FakeClock
 
 PREFIX = "t:"

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from rom_agent.fleet.shared_state import SharedState, SharedStateDown
 from rom_agent.logs import get_logger
-from rom_agent.resilience.bottleneck import AdmissionRejected, Permit
+from rom_agent.resilience.admission_permits import AdmissionRejected, Permit
 
 if TYPE_CHECKING:
     from rom_agent.flags import FlagStore

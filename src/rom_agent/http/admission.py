@@ -11,7 +11,8 @@ from starlette.requests import Request
 
 from rom_agent.fleet.leases import FleetAdmission, FleetWaiter
 from rom_agent.http.errors import ApiError, client_closed
-from rom_agent.resilience.bottleneck import Bottleneck, Permit
+from rom_agent.resilience.admission_permits import Permit
+from rom_agent.resilience.bottleneck import Bottleneck
 
 T = TypeVar("T")
 

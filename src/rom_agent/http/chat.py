@@ -22,7 +22,7 @@ from rom_agent.http.requests import check_api_key, json_response, parse_json_obj
 from rom_agent.http.services import Services, services_of
 from rom_agent.http.streaming import PermitStream
 from rom_agent.logs import get_logger
-from rom_agent.resilience.bottleneck import Permit
+from rom_agent.resilience.admission_permits import Permit
 from rom_agent.resilience.faults import parse_fault_plan
 
 log = get_logger("rom_agent.http.chat")

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rom_agent.logs import get_logger
-from rom_agent.resilience.bottleneck import AdmissionRejected
+from rom_agent.resilience.admission_permits import AdmissionRejected
 from rom_agent.resilience.errors import CircuitOpenError, PipelineError
 from rom_agent.store.database import DatabaseClosedError
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Mapping
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from rom_agent.resilience.bottleneck import Permit
+from rom_agent.resilience.admission_permits import Permit
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

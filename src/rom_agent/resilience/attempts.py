@@ -27,7 +27,8 @@ from rom_agent.domain.messages import ChatRequest, ModelRef, Usage
 from rom_agent.flags import FlagStore
 from rom_agent.logs import get_logger
 from rom_agent.providers.base import Provider
-from rom_agent.resilience.breaker import BreakerOpen, BreakerPermit, BreakerRegistry
+from rom_agent.resilience.breaker import BreakerRegistry
+from rom_agent.resilience.breaker_states import BreakerOpen, BreakerPermit
 from rom_agent.resilience.calls import ModelCall
 from rom_agent.resilience.clock import Clock
 from rom_agent.resilience.errors import (

@@ -27,7 +27,6 @@ Design points, each fixing a defect class of the Node original or of common libr
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,196 +36,20 @@ from rom_agent.domain.events import BreakerCallRecorded, BreakerTransitioned, Ev
 from rom_agent.domain.messages import ModelRef
 from rom_agent.flags import FlagStore
 from rom_agent.logs import get_logger
+from rom_agent.resilience.breaker_states import (
+    BreakerOpen,
+    BreakerPermit,
+    BreakerState,
+    ClosedState,
+    DisabledState,
+    ForcedOpenState,
+    HalfOpenState,
+    Outcome,
+    State,
+)
 from rom_agent.resilience.clock import Clock
 
 log = get_logger(__name__)
-
-# While HALF_OPEN is saturated a probe is deciding right now; tell callers to come back soon
-# rather than after the (much longer) probe lease.
-_HALF_OPEN_RETRY_AFTER_S = 1.0
-
-
-class State(enum.StrEnum):
-    """The states the outside world sees (SPEC §4, the `circuit_breaker_state` gauge)."""
-
-    CLOSED = "CLOSED"
-    HALF_OPEN = "HALF_OPEN"
-    OPEN = "OPEN"
-
-
-class BreakerOpen(Exception):
-    """Our own rejection: the breaker admitted no call. Never retried, never a failure."""
-
-    def __init__(self, model: str, state: State, retry_after_s: float) -> None:
-        super().__init__(f"circuit breaker for {model} is {state.value}")
-        self.model = model
-        self.state = state
-        self.retry_after_s = retry_after_s
-
-
-class _Outcome(enum.StrEnum):
-    SUCCESS = "success"
-    FAILURE = "failure"
-    IGNORED = "ignored"
-
-
-class BreakerPermit:
-    """Admission of one call by a breaker. Report exactly one outcome; later reports are
-    no-ops, so a `finally: permit.record_ignored()` safety net is always correct."""
-
-    __slots__ = ("_breaker", "_generation", "_probe", "_settled")
-
-    def __init__(self, breaker: CircuitBreaker | None, generation: int, probe: int) -> None:
-        self._breaker = breaker  # None: the breaker is disabled, nothing is recorded
-        self._generation = generation
-        self._probe = probe  # lease id in HALF_OPEN, 0 otherwise
-        self._settled = False
-
-    def record_success(self) -> None:
-        self._settle(_Outcome.SUCCESS)
-
-    def record_failure(self) -> None:
-        self._settle(_Outcome.FAILURE)
-
-    def record_ignored(self) -> None:
-        self._settle(_Outcome.IGNORED)
-
-    def _settle(self, outcome: _Outcome) -> None:
-        if not self._settled and self._breaker is not None:
-            self._settled = True
-            self._breaker._on_result(self._generation, self._probe, outcome)
-
-
-# What a disabled breaker hands out: nothing is consulted or updated.
-NOOP_PERMIT = BreakerPermit(None, 0, 0)
-
-
-# --------------------------------------------------------------------------- states
-
-
-class _BreakerState:
-    """One state of one breaker. `reported` is what the gauge and the admin route show."""
-
-    __slots__ = ()
-    reported = State.CLOSED
-    mode = "closed"
-    timed = False  # has time-driven transitions (`due`): only those are refreshed on reads
-
-    def observe(self, breaker: CircuitBreaker, now: float, settings: Settings) -> State:
-        """The state as of `now`, without changing anything."""
-        return self.reported
-
-    def due(self, breaker: CircuitBreaker, now: float, settings: Settings) -> _BreakerState | None:
-        """The state this one must turn into as of `now`, if any (time-driven transitions)."""
-        return None
-
-    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
-        raise breaker._reject(self.reported, self.retry_after_s(breaker, now, settings))
-
-    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
-        return 0.0
-
-    def on_result(self, breaker: CircuitBreaker, outcome: _Outcome, settings: Settings) -> None:
-        """A counted outcome of a call admitted in this state (same generation)."""
-
-
-class _Closed(_BreakerState):
-    __slots__ = ("failures",)
-    reported = State.CLOSED
-    mode = "closed"
-
-    def __init__(self) -> None:
-        self.failures = 0  # consecutive counted failures
-
-    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
-        return BreakerPermit(breaker, breaker._generation, 0)
-
-    def on_result(self, breaker: CircuitBreaker, outcome: _Outcome, settings: Settings) -> None:
-        if outcome is _Outcome.SUCCESS:
-            self.failures = 0
-            return
-        self.failures += 1
-        if self.failures >= settings.circuit_breaker_threshold:
-            breaker._become(_Open(breaker.now()), f"{self.failures} consecutive failures")
-
-
-class _Open(_BreakerState):
-    __slots__ = ("opened_at",)
-    reported = State.OPEN
-    mode = "open"
-    timed = True
-
-    def __init__(self, opened_at: float) -> None:
-        self.opened_at = opened_at
-
-    def _cooled(self, now: float, settings: Settings) -> bool:
-        return now >= self.opened_at + settings.circuit_breaker_cooldown_s
-
-    def observe(self, breaker: CircuitBreaker, now: float, settings: Settings) -> State:
-        return State.HALF_OPEN if self._cooled(now, settings) else State.OPEN
-
-    def due(self, breaker: CircuitBreaker, now: float, settings: Settings) -> _BreakerState | None:
-        return _HalfOpen() if self._cooled(now, settings) else None
-
-    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
-        return max(0.0, self.opened_at + settings.circuit_breaker_cooldown_s - now)
-
-
-class _HalfOpen(_BreakerState):
-    __slots__ = ("probes", "seq")
-    reported = State.HALF_OPEN
-    mode = "half_open"
-
-    def __init__(self) -> None:
-        self.probes: dict[int, float] = {}  # leases: id -> issued at
-        self.seq = 0
-
-    def has_slot(self, now: float, settings: Settings) -> bool:
-        if self.probes:
-            # A probe that has not reported within a whole attempt timeout is hung: free it.
-            oldest_allowed = now - settings.attempt_timeout_s
-            for probe, issued_at in list(self.probes.items()):
-                if issued_at <= oldest_allowed:
-                    del self.probes[probe]
-        return len(self.probes) < settings.circuit_breaker_half_open_max_calls
-
-    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
-        if not self.has_slot(now, settings):
-            raise breaker._reject(State.HALF_OPEN, _HALF_OPEN_RETRY_AFTER_S)
-        self.seq += 1
-        self.probes[self.seq] = now
-        return BreakerPermit(breaker, breaker._generation, self.seq)
-
-    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
-        return 0.0 if self.has_slot(now, settings) else _HALF_OPEN_RETRY_AFTER_S
-
-    def on_result(self, breaker: CircuitBreaker, outcome: _Outcome, settings: Settings) -> None:
-        if outcome is _Outcome.SUCCESS:
-            breaker._become(_Closed(), "probe succeeded")
-        else:
-            breaker._become(_Open(breaker.now()), "probe failed")
-
-
-class _ForcedOpen(_BreakerState):
-    """Manual OPEN: no cooldown, no probes, held until closed or reset."""
-
-    __slots__ = ()
-    reported = State.OPEN
-    mode = "forced_open"
-
-    def retry_after_s(self, breaker: CircuitBreaker, now: float, settings: Settings) -> float:
-        return settings.circuit_breaker_cooldown_s
-
-
-class _Disabled(_BreakerState):
-    """ENABLE_CIRCUIT_BREAKER off: admits everything, records nothing, reports CLOSED."""
-
-    __slots__ = ()
-    reported = State.CLOSED
-    mode = "disabled"
-
-    def admit(self, breaker: CircuitBreaker, now: float, settings: Settings) -> BreakerPermit:
-        return NOOP_PERMIT
 
 
 # --------------------------------------------------------------------------- breaker
@@ -250,7 +73,7 @@ class CircuitBreaker:
         self._clock = clock
         self._events = events
         enabled = flags.current.enable_circuit_breaker
-        self._state: _BreakerState = _Closed() if enabled else _Disabled()
+        self._state: BreakerState = ClosedState() if enabled else DisabledState()
         self._generation = 0
         self._changed_at = clock.now()
         self._why = ""  # why the last change happened (shown by the console)
@@ -288,14 +111,14 @@ class CircuitBreaker:
             "model": self.model,
             "state": state.reported.value,
             "mode": state.mode,
-            "forced": isinstance(state, _ForcedOpen),
-            "consecutiveFailures": state.failures if isinstance(state, _Closed) else 0,
+            "forced": isinstance(state, ForcedOpenState),
+            "consecutiveFailures": state.failures if isinstance(state, ClosedState) else 0,
             "threshold": settings.circuit_breaker_threshold,
             "generation": self._generation,
             "sinceChangeS": round(now - self._changed_at, 3),
             "why": self._why,
             "retryAfterS": round(state.retry_after_s(self, now, settings), 3),
-            "halfOpenInFlight": len(state.probes) if isinstance(state, _HalfOpen) else 0,
+            "halfOpenInFlight": len(state.probes) if isinstance(state, HalfOpenState) else 0,
             "totals": asdict(self._totals),
         }
 
@@ -314,15 +137,15 @@ class CircuitBreaker:
 
     # ------------------------------------------------------------------ outcomes
 
-    def _on_result(self, generation: int, probe: int, outcome: _Outcome) -> None:
+    def _on_result(self, generation: int, probe: int, outcome: Outcome) -> None:
         state = self._state
-        if probe and isinstance(state, _HalfOpen):
+        if probe and isinstance(state, HalfOpenState):
             state.probes.pop(probe, None)
-        if outcome is _Outcome.IGNORED:
+        if outcome is Outcome.IGNORED:
             self._totals.ignored += 1
             return
         # The call happened whatever the state is now: it is always measured...
-        if outcome is _Outcome.SUCCESS:
+        if outcome is Outcome.SUCCESS:
             self._totals.success += 1
         else:
             self._totals.failure += 1
@@ -336,10 +159,10 @@ class CircuitBreaker:
     def force_open(self) -> None:
         """Hold OPEN (no cooldown, no probes) until `force_close()` or `reset()`. With the
         flag off the breaker stays disabled (SPEC §4: the state stays CLOSED)."""
-        if isinstance(self._state, _Disabled):
+        if isinstance(self._state, DisabledState):
             log.warning("circuit breaker disabled: force open ignored", model=self.model)
             return
-        self._become(_ForcedOpen(), "forced open")
+        self._become(ForcedOpenState(), "forced open")
 
     def force_close(self) -> None:
         self._become(self._idle(), "forced closed")
@@ -351,25 +174,25 @@ class CircuitBreaker:
 
     def set_enabled(self, enabled: bool) -> None:
         """The flag switches the state: off → DISABLED, on → CLOSED (from scratch)."""
-        if enabled != isinstance(self._state, _Disabled):
+        if enabled != isinstance(self._state, DisabledState):
             return
-        self._become(_Closed() if enabled else _Disabled(), "flag switched")
+        self._become(ClosedState() if enabled else DisabledState(), "flag switched")
 
-    def _idle(self) -> _BreakerState:
-        return _Closed() if self._flags.current.enable_circuit_breaker else _Disabled()
+    def _idle(self) -> BreakerState:
+        return ClosedState() if self._flags.current.enable_circuit_breaker else DisabledState()
 
     def hint_half_open(self, why: str) -> bool:
         """A peer replica saw this model fail provider-wide (fleet hint): from CLOSED, go to
         HALF_OPEN so only the half-open number of probes reach it and the rest fall back.
         True if the state changed."""
-        if not isinstance(self._state, _Closed):
+        if not isinstance(self._state, ClosedState):
             return False
-        self._become(_HalfOpen(), why)
+        self._become(HalfOpenState(), why)
         return True
 
     # ------------------------------------------------------------------ transitions
 
-    def _refresh(self, now: float, settings: Settings) -> _BreakerState:
+    def _refresh(self, now: float, settings: Settings) -> BreakerState:
         state = self._state
         if state.timed:
             following = state.due(self, now, settings)
@@ -378,7 +201,7 @@ class CircuitBreaker:
                 return self._state
         return state
 
-    def _become(self, new: _BreakerState, why: str) -> None:
+    def _become(self, new: BreakerState, why: str) -> None:
         old = self._state
         self._state = new
         # A new state object is a new generation, even CLOSED → CLOSED: results of calls

@@ -37,7 +37,7 @@ from rom_agent.domain.messages import (
 )
 from rom_agent.logs import get_logger
 from rom_agent.resilience.attempts import Attempt, AttemptRunner, RetryRefused
-from rom_agent.resilience.breaker import BreakerOpen
+from rom_agent.resilience.breaker_states import BreakerOpen
 from rom_agent.resilience.calls import ModelCall
 from rom_agent.resilience.errors import DeadlineExceededError, StreamInterruptedError
 from rom_agent.resilience.fallback import ChainRun
