@@ -15,7 +15,7 @@ import structlog
 
 from rom_agent.app import create_services
 from rom_agent.config import Settings
-from rom_agent.flags import RUNTIME_KEYS, STATIC_KEYS
+from rom_agent.flag_changes import RUNTIME_KEYS, STATIC_KEYS
 from rom_agent.http import admin
 from rom_agent.services import Services
 from tests.server import RunningApp, isolated_settings, running_app

@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rom_agent.flags import AuditEntry, FlagStore
+from rom_agent.flag_changes import AuditEntry
+from rom_agent.flags import FlagStore
 from tests.server import ServiceProcess, isolated_settings
 
 

@@ -13,7 +13,8 @@ import pytest
 import structlog
 
 from rom_agent.config import ConfigError, Settings
-from rom_agent.flags import FlagStore, load_persisted_overrides, parse_changes
+from rom_agent.flag_changes import parse_changes
+from rom_agent.flags import FlagStore, load_persisted_overrides
 from rom_agent.store.database import Database
 from rom_agent.store.flag_overrides import SQLITE_SCHEMA, SqliteFlagOverrides
 from tests.server import isolated_settings

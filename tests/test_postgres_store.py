@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from rom_agent.domain.messages import Message
-from rom_agent.flags import SET, AuditEntry, FlagStore, load_persisted_overrides
+from rom_agent.flag_changes import SET, AuditEntry
+from rom_agent.flags import FlagStore, load_persisted_overrides
 from rom_agent.store.backend import StoreBackend
 from rom_agent.store.flag_overrides import PostgresFlagOverrides
 from rom_agent.store.migrations import LATEST, MIGRATIONS, applied_versions, migrate
@@ -172,7 +173,7 @@ def test_a_password_in_database_url_is_never_shown(tmp_path: Path) -> None:
     )
     store = StoreBackend(settings.database_url)
     assert "<DATABASE_PASSWORD>" not in store.display
-    from rom_agent.flags import public_value
+    from rom_agent.flag_changes import public_value
 
     assert public_value(settings.database_url) == "postgresql://rom:***@db.internal:5432/rom"
 

@@ -16,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rom_agent.config import SECRET_KEYS, ConfigError, Settings
-from rom_agent.flags import RUNTIME_KEYS, STATIC_KEYS, AuditEntry, FlagStore, public_value
+from rom_agent.flag_changes import RUNTIME_KEYS, STATIC_KEYS, AuditEntry, public_value
+from rom_agent.flags import FlagStore
 from rom_agent.http.errors import ApiError, invalid
 from rom_agent.http.requests import ascii_int, json_response, parse_json_object, read_body
 from rom_agent.http.services import Services, services_of

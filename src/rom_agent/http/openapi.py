@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from rom_agent import __version__
 from rom_agent.config import Settings
-from rom_agent.flags import RUNTIME_KEYS
+from rom_agent.flag_changes import RUNTIME_KEYS
 from rom_agent.http.services import services_of
 
 Schema = dict[str, Any]

@@ -5,7 +5,7 @@ them parses them with exactly the environment's rules. The audit log is append-o
 change of the override set bumps one version number in the same transaction, so a replica can
 tell with one cheap read whether its copy is current (fleet mode re-reads it every few
 seconds because pub/sub notifications can be lost). Both classes implement
-`flags.FlagPersistence`.
+`flag_changes.FlagPersistence`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from rom_agent.flags import AuditEntry
+from rom_agent.flag_changes import AuditEntry
 from rom_agent.store.database import Database
 
 if TYPE_CHECKING:
