@@ -16,13 +16,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -49,6 +43,12 @@ from rom_agent.domain.events import (
     StreamContinued,
 )
 from rom_agent.flags import FlagStore
+from rom_agent.instrumentation.series import (
+    CounterSeries,
+    HistogramCell,
+    HistogramSeries,
+    SeriesCollector,
+)
 
 # `*_created` series double the exposition for no operator value.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -65,10 +65,6 @@ LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 30, 60,
 # HTTP adds the fast routes (/health, /metrics, rejections answered in microseconds).
 _LATENCY_BUCKETS = (0.005, 0.025, *LLM_BUCKETS)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-Observe = Callable[[float], None]
-Count = Callable[[float], None]
 
 
 class BreakerStates(Protocol):
@@ -125,62 +121,46 @@ class PrometheusMetrics:
 
     def __init__(self, enabled: Callable[[], bool], models: Sequence[str]) -> None:
         self._enabled = enabled
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        # Every request's two events, pre-bound: the children's `inc`/`observe` by the event's
-        # own fields — one dict lookup per event (no id-keyed tuple, `str(status)`, `_child`).
-        self._http_bound: dict[tuple[str, int], tuple[Callable[[], None], Observe]] = {}
-        self._attempt_bound: dict[tuple[str, str], tuple[Observe, Count, Count]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.breaker_source: BreakerStates | None = None
         self.admission_source: AdmissionGauges | None = None
-        r = self.registry
-        labels_om = ["operation", "model"]
+        labels_om = ("operation", "model")
 
-        self.breaker_success = Counter(
-            "circuit_breaker_success",
-            "Calls the breaker let through that succeeded",
-            labels_om,
-            registry=r,
+        self.breaker_success = CounterSeries(
+            "circuit_breaker_success", "Calls the breaker let through that succeeded", labels_om
         )
-        self.breaker_failure = Counter(
-            "circuit_breaker_failure",
-            "Calls counted as failures by the breaker",
-            labels_om,
-            registry=r,
+        self.breaker_failure = CounterSeries(
+            "circuit_breaker_failure", "Calls counted as failures by the breaker", labels_om
         )
-        self.breaker_rejected = Counter(
+        self.breaker_rejected = CounterSeries(
             "circuit_breaker_rejected",
             "Calls rejected by an OPEN or saturated HALF_OPEN breaker",
             labels_om,
-            registry=r,
         )
-        self.breaker_transitions = Counter(
-            "circuit_breaker_transitions",
-            "Breaker state transitions",
-            [*labels_om, "from", "to"],
-            registry=r,
+        self._breaker_calls = {
+            "success": self.breaker_success,
+            "failure": self.breaker_failure,
+            "rejected": self.breaker_rejected,
+        }
+        self.breaker_transitions = CounterSeries(
+            "circuit_breaker_transitions", "Breaker state transitions", (*labels_om, "from", "to")
         )
 
-        self.fallback = Counter(
+        self.fallback = CounterSeries(
             "model_fallback",
             "Moves from one model of the chain to the next",
-            ["operation", "from", "to", "reason"],
-            registry=r,
+            ("operation", "from", "to", "reason"),
         )
-        self.fallback_attempt = Counter(
-            "model_fallback_attempt", "Models tried by the fallback chain", labels_om, registry=r
+        self.fallback_attempt = CounterSeries(
+            "model_fallback_attempt", "Models tried by the fallback chain", labels_om
         )
-        self.fallback_success = Counter(
-            "model_fallback_success",
-            "Requests answered, by the model that answered",
-            labels_om,
-            registry=r,
+        self.fallback_success = CounterSeries(
+            "model_fallback_success", "Requests answered, by the model that answered", labels_om
         )
-        self.fallback_exhausted = Counter(
+        self.fallback_exhausted = CounterSeries(
             "model_fallback_exhausted",
             "Requests for which every model of the chain failed",
-            ["operation"],
-            registry=r,
+            ("operation",),
         )
 
         # bottleneck_running_total / bottleneck_queued_total share their base names with the
@@ -188,76 +168,97 @@ class PrometheusMetrics:
         # collectors; the live collector exposes them instead, from these two counts.
         self.admitted_count = 0
         self.queued_count = 0
-        self.bottleneck_rejected = Counter(
-            "bottleneck_rejected",
-            "Requests rejected by admission control",
-            ["operation", "reason"],
-            registry=r,
+        self.bottleneck_rejected = CounterSeries(
+            "bottleneck_rejected", "Requests rejected by admission control", ("operation", "reason")
         )
-        self.bottleneck_queue_wait = Histogram(
+        self.bottleneck_queue_wait = HistogramSeries(
             "bottleneck_queue_wait_seconds",
             "Time spent waiting for admission",
             buckets=_WAIT_BUCKETS,
-            registry=r,
         )
+        self._queue_wait = self.bottleneck_queue_wait.cell()
 
-        self.retry_attempts = Counter(
-            "retry_attempts", "Retries made, by reason", ["model", "reason"], registry=r
+        self.retry_attempts = CounterSeries(
+            "retry_attempts", "Retries made, by reason", ("model", "reason")
         )
-        self.retry_budget_exhausted = Counter(
-            "retry_budget_exhausted", "Retries refused by the retry budget", ["model"], registry=r
+        self.retry_budget_exhausted = CounterSeries(
+            "retry_budget_exhausted", "Retries refused by the retry budget", ("model",)
         )
-        self.stream_continuation = Counter(
+        self.stream_continuation = CounterSeries(
             "stream_continuation",
             "Continuations of cut streams, by continuing model, strategy and outcome "
             "(started, succeeded, diverged, failed)",
-            ["operation", "model", "strategy", "outcome"],
-            registry=r,
+            ("operation", "model", "strategy", "outcome"),
         )
-        self.hedge = Counter(
+        self.hedge = CounterSeries(
             "hedge",
             "First-token hedges of a slow model, by outcome "
             "(started, hedge_won, primary_won, budget_exhausted)",
-            ["operation", "model", "outcome"],
-            registry=r,
+            ("operation", "model", "outcome"),
         )
-        self.guardrails_triggered = Counter(
-            "guardrails_triggered", "Guardrail events, by reason", ["reason"], registry=r
+        self.guardrails_triggered = CounterSeries(
+            "guardrails_triggered", "Guardrail events, by reason", ("reason",)
         )
-        self.llm_duration = Histogram(
+        self.llm_duration = HistogramSeries(
             "llm_request_duration_seconds",
             "Provider attempt duration",
-            ["model", "outcome"],
+            ("model", "outcome"),
             buckets=LLM_BUCKETS,
-            registry=r,
         )
-        self.llm_first_token = Histogram(
+        self.llm_first_token = HistogramSeries(
             "llm_time_to_first_token_seconds",
             "Time from the start of a streamed attempt to its first content event",
-            ["model"],
+            ("model",),
             buckets=LLM_BUCKETS[:-1],  # 50 ms to 60 s: FIRST_TOKEN_TIMEOUT_S stops longer waits
-            registry=r,
         )
-        self.llm_tokens = Counter("llm_tokens", "Tokens used", ["model", "direction"], registry=r)
-        self.http_requests = Counter(
-            "http_requests", "HTTP requests served", ["route", "status"], registry=r
+        self.llm_tokens = CounterSeries("llm_tokens", "Tokens used", ("model", "direction"))
+        self.http_requests = CounterSeries(
+            "http_requests", "HTTP requests served", ("route", "status")
         )
-        self.http_duration = Histogram(
+        self.http_duration = HistogramSeries(
             "http_request_duration_seconds",
             "HTTP request duration",
-            ["route"],
+            ("route",),
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-
-        self.retry_after = Histogram(
+        self.retry_after = HistogramSeries(
             "http_retry_after_seconds",
             "Retry-After given on 429/503 answers",
-            ["route"],
+            ("route",),
             buckets=(1, 2, 5, 10, 30, 60, 120, 300),
-            registry=r,
         )
+        # Every request's two events, their label tuples and cells found by one dict lookup.
+        self._http_bound: dict[tuple[str, int], tuple[tuple[str, str], HistogramCell]] = {}
+        self._attempt_bound: dict[tuple[str, str], HistogramCell] = {}
 
+        r = self.registry
+        r.register(
+            SeriesCollector(
+                [
+                    self.breaker_success,
+                    self.breaker_failure,
+                    self.breaker_rejected,
+                    self.breaker_transitions,
+                    self.fallback,
+                    self.fallback_attempt,
+                    self.fallback_success,
+                    self.fallback_exhausted,
+                    self.bottleneck_rejected,
+                    self.bottleneck_queue_wait,
+                    self.retry_attempts,
+                    self.retry_budget_exhausted,
+                    self.stream_continuation,
+                    self.hedge,
+                    self.guardrails_triggered,
+                    self.llm_duration,
+                    self.llm_first_token,
+                    self.llm_tokens,
+                    self.http_requests,
+                    self.http_duration,
+                    self.retry_after,
+                ]
+            )
+        )
         r.register(_LiveStateCollector(self))
         self._seed(models)
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
@@ -284,31 +285,21 @@ class PrometheusMetrics:
         """Create every series the guide greps, zero-valued, before the first request."""
         op = OPERATION
         for model in models:
-            self.breaker_success.labels(op, model)
-            self.breaker_failure.labels(op, model)
-            self.breaker_rejected.labels(op, model)
-            self.fallback_attempt.labels(op, model)
-            self.fallback_success.labels(op, model)
-            self.retry_budget_exhausted.labels(model)
+            self.breaker_success.seed(op, model)
+            self.breaker_failure.seed(op, model)
+            self.breaker_rejected.seed(op, model)
+            self.fallback_attempt.seed(op, model)
+            self.fallback_success.seed(op, model)
+            self.retry_budget_exhausted.seed(model)
             for direction in ("input", "output"):
-                self.llm_tokens.labels(model, direction)
+                self.llm_tokens.seed(model, direction)
         for current, following in itertools.pairwise(models):
-            self.fallback.labels(op, current, following, "error")
-        self.fallback_exhausted.labels(op)
+            self.fallback.seed(op, current, following, "error")
+        self.fallback_exhausted.seed(op)
         for reason in ("queue_full", "queue_timeout", "draining"):
-            self.bottleneck_rejected.labels(op, reason)
+            self.bottleneck_rejected.seed(op, reason)
         for reason in ("soft_limit", "hard_limit", "repetition"):
-            self.guardrails_triggered.labels(reason)
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, memoised: label sets are bounded (model ids from the
-        config, route templates, reasons), and `labels()` takes a lock and builds keys on
-        every call of the hot path."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+            self.guardrails_triggered.seed(reason)
 
     # ------------------------------------------------------------------ exposition
 
@@ -347,83 +338,72 @@ class PrometheusMetrics:
             handler(event)
 
     def _on_breaker_call(self, event: BreakerCallRecorded) -> None:
-        if event.outcome == "success":
-            metric = self.breaker_success
-        elif event.outcome == "failure":
-            metric = self.breaker_failure
-        else:
-            metric = self.breaker_rejected
-        self._child(metric, OPERATION, event.model).inc()
+        self._breaker_calls[event.outcome].inc((OPERATION, event.model))
 
     def _on_breaker_transition(self, event: BreakerTransitioned) -> None:
-        self._child(self.breaker_transitions, OPERATION, event.model, event.old, event.new).inc()
+        self.breaker_transitions.inc((OPERATION, event.model, event.old, event.new))
 
     def _on_fallback_attempted(self, event: FallbackAttempted) -> None:
-        self._child(self.fallback_attempt, OPERATION, event.model).inc()
+        self.fallback_attempt.inc((OPERATION, event.model))
 
     def _on_fallback_moved(self, event: FallbackMoved) -> None:
-        self._child(self.fallback, OPERATION, event.old, event.new, event.reason).inc()
+        self.fallback.inc((OPERATION, event.old, event.new, event.reason))
 
     def _on_fallback_succeeded(self, event: FallbackSucceeded) -> None:
-        self._child(self.fallback_success, OPERATION, event.model).inc()
+        self.fallback_success.inc((OPERATION, event.model))
 
     def _on_fallback_exhausted(self, event: FallbackExhausted) -> None:
-        self._child(self.fallback_exhausted, OPERATION).inc()
+        self.fallback_exhausted.inc((OPERATION,))
 
     def _on_admitted(self, event: AdmissionGranted) -> None:
         self.admitted_count += 1
         if event.queued:
             self.queued_count += 1
-        self.bottleneck_queue_wait.observe(event.waited_s)
+        self._queue_wait.observe(event.waited_s)
 
     def _on_admission_rejected(self, event: AdmissionDenied) -> None:
-        self._child(self.bottleneck_rejected, OPERATION, event.reason).inc()
+        self.bottleneck_rejected.inc((OPERATION, event.reason))
 
     def _on_retry(self, event: RetryScheduled) -> None:
-        self._child(self.retry_attempts, event.model, event.reason).inc()
+        self.retry_attempts.inc((event.model, event.reason))
 
     def _on_retry_budget_exhausted(self, event: RetryBudgetExhausted) -> None:
-        self._child(self.retry_budget_exhausted, event.model).inc()
+        self.retry_budget_exhausted.inc((event.model,))
 
     def _on_stream_continued(self, event: StreamContinued) -> None:
-        labels = (OPERATION, event.model, event.strategy, event.outcome)
-        self._child(self.stream_continuation, *labels).inc()
+        self.stream_continuation.inc((OPERATION, event.model, event.strategy, event.outcome))
 
     def _on_hedge(self, event: HedgeSettled) -> None:
-        self._child(self.hedge, OPERATION, event.model, event.outcome).inc()
+        self.hedge.inc((OPERATION, event.model, event.outcome))
 
     def _on_guardrail(self, event: GuardrailTriggered) -> None:
-        self._child(self.guardrails_triggered, event.reason).inc()
+        self.guardrails_triggered.inc((event.reason,))
 
     def _on_attempt_finished(self, event: AttemptFinished) -> None:
         key = (event.model, event.outcome)
-        bound = self._attempt_bound.get(key)
-        if bound is None:
-            bound = self._attempt_bound[key] = (
-                self._child(self.llm_duration, event.model, event.outcome).observe,
-                self._child(self.llm_tokens, event.model, "input").inc,
-                self._child(self.llm_tokens, event.model, "output").inc,
-            )
-        observe, count_input, count_output = bound
-        observe(event.seconds)
+        cell = self._attempt_bound.get(key)
+        if cell is None:
+            cell = self._attempt_bound[key] = self.llm_duration.cell(*key)
+        cell.observe(event.seconds)
         if event.outcome == "success":
-            count_input(event.input_tokens)
-            count_output(event.output_tokens)
+            tokens = self.llm_tokens.values
+            model = event.model
+            tokens[model, "input"] = tokens.get((model, "input"), 0.0) + event.input_tokens
+            tokens[model, "output"] = tokens.get((model, "output"), 0.0) + event.output_tokens
 
     def _on_first_token(self, event: FirstToken) -> None:
-        self._child(self.llm_first_token, event.model).observe(event.seconds)
+        self.llm_first_token.cell(event.model).observe(event.seconds)
 
     def _on_retry_after(self, event: RetryAfterGiven) -> None:
-        self._child(self.retry_after, event.route).observe(event.seconds)
+        self.retry_after.cell(event.route).observe(event.seconds)
 
     def _on_http_request(self, event: HttpRequestServed) -> None:
         key = (event.route, event.status)
         bound = self._http_bound.get(key)
         if bound is None:
-            bound = self._http_bound[key] = (
-                self._child(self.http_requests, event.route, str(event.status)).inc,
-                self._child(self.http_duration, event.route).observe,
-            )
-        count, observe = bound
-        count()
-        observe(event.seconds)
+            labels = (event.route, str(event.status))
+            bound = self._http_bound[key] = (labels, self.http_duration.cell(event.route))
+        labels, cell = bound
+        counts = self.http_requests.values
+        counts[labels] = counts.get(labels, 0.0) + 1.0
+        cell.observe(event.seconds)
