@@ -6,6 +6,7 @@ continued anywhere, every 200'd turn stored, and a stalled Redis costing no requ
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import secrets
 import statistics
@@ -308,7 +309,7 @@ def test_fleet_admission_5_20_lets_exactly_25_of_30_through(
     if fallbacks == 0:
         assert statuses == [200] * 25 + [503] * 5, fleet.shared_state_log()
     else:
-        # An admission call that missed its 50 ms bound (a machine too busy to read Redis's
+        # An admission call that missed its 20 ms bound (a machine too busy to read Redis's
         # answer in time) is decided by the local share instead: each such request may be
         # one more 200. Said loudly; on a quiet machine this branch does not run.
         with capsys.disabled():
@@ -371,9 +372,9 @@ def test_a_replica_killed_mid_burst_loses_no_slot_and_no_200d_turn(fleet: Fleet)
 def test_redis_stopped_for_5s_under_steady_load_fails_nothing(
     fleet: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    phases: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+    phases: dict[str, list[float]] = {"warm-up": [], "before": [], "during": [], "after": []}
     failures: list[str] = []
-    phase = "before"
+    phase = "warm-up"  # new connections everywhere: not the steady state being compared
 
     async def load(stop: asyncio.Event) -> None:
         async with httpx.AsyncClient(timeout=30) as http:
@@ -407,8 +408,14 @@ def test_redis_stopped_for_5s_under_steady_load_fails_nothing(
     stop = asyncio.Event()
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=lambda: loop.run_until_complete(load(stop)))
+    # This process's own garbage collection paused every request in flight by ~100 ms at
+    # once (seen in "before" as well): latency measured here must be the replicas'.
+    gc.collect()
+    gc.disable()
     runner.start()
     try:
+        time.sleep(1)
+        phase = "before"
         time.sleep(3)
         phase = "during"
         fleet.redis.pause()
@@ -425,6 +432,7 @@ def test_redis_stopped_for_5s_under_steady_load_fails_nothing(
         loop.call_soon_threadsafe(stop.set)
         runner.join()
         loop.close()
+        gc.enable()
     assert failures == []
 
     def p(values: list[float], q: float) -> float:
@@ -438,4 +446,8 @@ def test_redis_stopped_for_5s_under_steady_load_fails_nothing(
                 f"p50 {statistics.median(values) * 1000:.1f} ms, p99 {p(values, 0.99):.1f} ms"
             )
     assert all(phases[name] for name in phases)
+    # Issue 15: p99 added ≤ 20 ms. Only the calls in flight when Redis stopped (one or two per
+    # replica) wait out the 20 ms bound; every later one skips the suspect Redis.
+    added = p(phases["during"], 0.99) - p(phases["before"], 0.99)
+    assert added <= 20, f"p99 added {added:.1f} ms during the stall"
     gauges_back_to_zero(fleet, fleet.replicas)

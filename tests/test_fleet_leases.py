@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import fakeredis
 import orjson
@@ -22,7 +23,13 @@ PREFIX = "t:"
 
 
 class Replica:
-    def __init__(self, name: str, server: fakeredis.FakeServer, **limits: object) -> None:
+    def __init__(
+        self,
+        name: str,
+        server: fakeredis.FakeServer,
+        monotonic: Callable[[], float] | None = None,
+        **limits: object,
+    ) -> None:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             enable_bottleneck=True,
@@ -33,7 +40,12 @@ class Replica:
         self.flags = FlagStore(settings)
         self.clock = FakeClock(autoadvance=False)
         self.client = fakeredis.FakeAsyncRedis(server=server)
-        self.shared = SharedState("redis://unused", prefix=PREFIX, client=self.client)
+        self.shared = SharedState(
+            "redis://unused",
+            prefix=PREFIX,
+            client=self.client,
+            monotonic=monotonic or self.clock.now,
+        )
         self.bottleneck = Bottleneck(self.flags, self.clock)
         self.admission = FleetAdmission(self.shared, name, self.flags, self.clock, lease_ttl_s=10)
         self.admission.bottleneck = self.bottleneck
@@ -163,6 +175,23 @@ async def test_with_redis_down_admission_falls_back_to_a_local_share() -> None:
     assert str(rejected.value) == "Service temporarily unavailable: queue full (7/7)"
     for waiter in waiters:
         replica.bottleneck.abandon(waiter)
+
+
+async def test_an_admission_call_reaching_redis_after_its_deadline_takes_nothing() -> None:
+    """After a stall Redis runs every buffered call; those whose callers already fell back to
+    the local share must not take slots (they queued ahead of the fleet's next requests)."""
+    server = fakeredis.FakeServer()
+    now = [1000.0]
+    replica = Replica("a", server, lambda: now[0], max_concurrent=5, max_queue=20)
+    assert await replica.acquire() is not None  # no clock sample yet: no deadline
+    assert await replica.shared.probe_once() is True  # samples Redis's clock at our t=1000
+    assert isinstance(await replica.acquire(), Permit)  # well within its deadline
+    now[0] -= 60  # sent 60 s before the sample: it reaches Redis long after its deadline
+    assert await replica.acquire() is None  # the caller uses the local share
+    assert await fleet_counts(server) == (2, 0)  # the late call took nothing
+    assert replica.shared.deadline_ms() == 0  # our clock estimate was off: sampled again
+    await drain_background(replica)
+    assert replica.admission._unreleased == set()  # nothing to give back either
 
 
 async def test_stress_the_fleet_budget_never_exceeds_the_limit() -> None:

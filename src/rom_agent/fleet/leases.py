@@ -1,6 +1,6 @@
 """Fleet-wide admission: MAX_CONCURRENT running and MAX_QUEUE queued across every replica.
 
-State lives in Redis, changed only by Lua scripts (atomic):
+State lives in Redis, changed only by Lua scripts (atomic; in `fleet/lease_scripts.py`):
 
 * `<p>adm:running` — sorted set, lease id → expiry (ms, Redis clock);
 * `<p>adm:queue` — sorted set, lease id → arrival sequence number (FIFO order);
@@ -14,8 +14,11 @@ Nothing polls per waiter: each replica renews all its leases in one call every T
 call also reports promotions whose message was lost (pub/sub is lossy).
 
 Request path cost: one script call to admit (or queue, or reject); the release is sent after
-the response, off the request's path. If that call fails, Redis counts as down and the caller
-falls back to local admission with a conservative share (see `Bottleneck`).
+the response, off the request's path. If that call fails or times out, the caller falls back to
+local admission with a conservative share (see `Bottleneck`; `SharedState` decides when Redis
+counts as down). The call carries a deadline on Redis's clock: run later than that (Redis
+resuming after a stall runs every buffered call), it takes nothing, so the fallen-back requests
+leave no stranded leases queued ahead of the fleet's next ones.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rom_agent.fleet.lease_scripts import ACQUIRE, RELEASE, RENEW
 from rom_agent.fleet.shared_state import SharedState, SharedStateDown
 from rom_agent.logs import get_logger
 from rom_agent.resilience.admission_permits import AdmissionRejected, Permit
@@ -41,94 +45,7 @@ log = get_logger("rom_agent.fleet.admission")
 
 WARM_CONNECTIONS = 8
 
-
-_COMMON = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function sweep()
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-  for _, id in ipairs(dead) do redis.call('ZREM', KEYS[2], id) end
-  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
-end
-local function promote(ttl, limit, channel)
-  local promoted = {}
-  while redis.call('ZCARD', KEYS[1]) < limit do
-    local head = redis.call('ZRANGE', KEYS[2], 0, 0)
-    if #head == 0 then break end
-    local id = head[1]
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('ZADD', KEYS[1], now + ttl, id)
-    promoted[#promoted + 1] = id
-  end
-  if #promoted > 0 then
-    redis.call('PUBLISH', channel, cjson.encode({kind = 'admission', promoted = promoted}))
-  end
-end
-"""
-
-# ARGV: ttl_ms, limit, max_queue, channel, id → {1 admitted | 0 queued | -1 full, running, queued}
-ACQUIRE = (
-    _COMMON
-    + """
-local ttl, limit, max_queue = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-sweep()
-promote(ttl, limit, ARGV[4])
-local running = redis.call('ZCARD', KEYS[1])
-local queued = redis.call('ZCARD', KEYS[2])
-if queued == 0 and running < limit then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[5])
-  return {1, running + 1, queued}
-end
-if queued < max_queue then
-  local seq = redis.call('INCR', KEYS[4])
-  redis.call('ZADD', KEYS[2], seq, ARGV[5])
-  redis.call('ZADD', KEYS[3], now + ttl, ARGV[5])
-  return {0, running, queued + 1}
-end
-return {-1, running, queued}
-"""
-)
-
-# ARGV: ttl_ms, limit, channel, id... → removes the leases (running or queued), promotes.
-RELEASE = (
-    _COMMON
-    + """
-for i = 4, #ARGV do
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('ZREM', KEYS[2], ARGV[i])
-  redis.call('ZREM', KEYS[3], ARGV[i])
-end
-sweep()
-promote(tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
-"""
-)
-
-# ARGV: ttl_ms, limit, channel, id... → for each id 'r' running, 'q' queued or 'x' gone.
-RENEW = (
-    _COMMON
-    + """
-local ttl = tonumber(ARGV[1])
-sweep()
-promote(ttl, tonumber(ARGV[2]), ARGV[3])
-local states = {}
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  if redis.call('ZSCORE', KEYS[1], id) then
-    redis.call('ZADD', KEYS[1], now + ttl, id)
-    states[#states + 1] = 'r'
-  elseif redis.call('ZSCORE', KEYS[2], id) then
-    redis.call('ZADD', KEYS[3], now + ttl, id)
-    states[#states + 1] = 'q'
-  else
-    states[#states + 1] = 'x'
-  end
-end
-return states
-"""
-)
+TOO_LATE = -2  # ACQUIRE's verdict for a call that reached Redis after its caller gave up
 
 
 @dataclass(eq=False, slots=True)
@@ -211,6 +128,7 @@ class FleetAdmission:
             settings.max_queue,
             self._channel,
             lease,
+            self._shared.deadline_ms(),
         ]
         keys = self._keys
         try:
@@ -218,12 +136,17 @@ class FleetAdmission:
                 "admission",
                 lambda _: self._acquire(keys=keys, args=args),
             )
-        except SharedStateDown:
-            # A timeout does not say whether the script ran: give the lease back in case it
-            # did (if Redis is really down, it expires within the TTL anyway).
-            self.release_soon(lease)
+        except SharedStateDown as down:
+            if down.sent:
+                # A timeout does not say whether the script ran: give the lease back in case
+                # it did (if Redis is really down, it expires within the TTL anyway).
+                self.release_soon(lease)
             return None
         verdict, running, queued = (int(x) for x in result)
+        if verdict == TOO_LATE:  # our estimate of Redis's clock was off: nothing was taken
+            self._shared.forget_clock()
+            self._shared.count_error("admission")
+            return None
         self.last_counts = (running, queued)
         if verdict == 1:
             self._held.add(lease)
@@ -336,7 +259,7 @@ class FleetAdmission:
         """Before the first request: cache the scripts in Redis (else its EVALSHA misses) and
         open `WARM_CONNECTIONS` pooled connections. A burst would otherwise open them all at
         once on the request path, and a TCP connect plus handshake on a busy machine does not
-        fit in the 50 ms bound: those requests fell back to local admission."""
+        fit in the 20 ms bound: those requests fell back to local admission."""
         for script in (ACQUIRE, RELEASE, RENEW):
 
             async def load(redis: Any, text: str = script) -> None:

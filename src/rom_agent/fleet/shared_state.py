@@ -8,6 +8,12 @@ otherwise). So every call is bounded by `CALL_TIMEOUT_S`, the client never retri
 returning Redis is noticed within about a second with no request paying for the probe. Startup
 never waits for Redis: the loop simply starts with the breaker closed and finds out.
 
+A request-path call that times out makes Redis *suspect* at once: the other request-path calls
+in flight give up at that moment (their own bounds are moved to now), later ones skip Redis
+without waiting (the local fallback), and a background ping decides — an answer clears the
+suspicion, a failure opens the breaker. So a stalled Redis costs one bound per replica, not
+one per request until three failures have been counted (issue 15: p99 added ≤ 20 ms).
+
 `up` is what `/ready` (degraded) and the `fleet_shared_state_up` gauge show.
 """
 
@@ -24,6 +30,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rom_agent.logs import get_logger
 
@@ -31,7 +38,10 @@ log = get_logger("rom_agent.fleet")
 
 T = TypeVar("T")
 
-CALL_TIMEOUT_S = 0.05  # tens of ms: Redis on the same network answers in well under 1 ms
+# The request path's bound (admission). Redis on the same network answers in well under 1 ms;
+# a stall costs this once per replica (then Redis is suspect, see above), so it is kept short.
+CALL_TIMEOUT_S = 0.02
+CONNECT_TIMEOUT_S = 0.05  # a new pooled connection, and waiting for a free one
 # Calls off the request path (release, renewal, heartbeat, publish, probe) may wait longer: on
 # a busy machine a 50 ms bound there mistook our own slow event loop for a Redis outage.
 BACKGROUND_TIMEOUT_S = 0.25
@@ -47,8 +57,24 @@ PROBE_INTERVAL_S = 1.0
 POOL_SIZE = 16
 
 
+# Slack on top of a request-path call's bound before Redis counts it as abandoned (see
+# `deadline_ms`): covers the error of our estimate of Redis's clock.
+DEADLINE_SLACK_S = 0.05
+CLOCK_SAMPLE_MAX_AGE_S = 30.0
+
+
 class SharedStateDown(Exception):
-    """Redis is unreachable, stalled or its breaker is open: use the local fallback."""
+    """Redis is unreachable, stalled or its breaker is open: use the local fallback.
+
+    `sent` says whether the command may have reached Redis (False: skipped without a call)."""
+
+    def __init__(self, operation: str, *, sent: bool = False) -> None:
+        super().__init__(operation)
+        self.sent = sent
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError | RedisTimeoutError)
 
 
 class SharedState:
@@ -71,6 +97,12 @@ class SharedState:
         self._failures = 0
         self._last_failure_at = float("-inf")
         self._open = False
+        # A request-path call timed out and the background ping that decides has not answered.
+        self._suspect = False
+        self._verdict: asyncio.Task[bool] | None = None
+        self._in_flight: set[asyncio.Timeout] = set()  # bounds of request-path calls
+        # (Redis clock in ms, our monotonic time, round trip) of the best recent TIME sample.
+        self._clock_sample: tuple[float, float, float] | None = None
         self.up = True  # optimistic until the first probe says otherwise; startup never waits
         self.last_change = monotonic()
         self._probe: asyncio.Task[None] | None = None
@@ -85,9 +117,9 @@ class SharedState:
         pool = BlockingConnectionPool.from_url(
             self._url,
             max_connections=POOL_SIZE,
-            timeout=self._timeout,  # waiting for a free pooled connection is bounded too
+            timeout=CONNECT_TIMEOUT_S,  # waiting for a free pooled connection is bounded too
             socket_timeout=max(self._timeout, BACKGROUND_TIMEOUT_S),
-            socket_connect_timeout=self._timeout,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
@@ -123,29 +155,81 @@ class SharedState:
         off the request path); `SharedStateDown` if it cannot."""
         if self._open:
             raise SharedStateDown(operation)
+        if background:
+            return await self._background_call(operation, command)
+        if self._suspect:  # an earlier request-path call timed out: do not wait behind it
+            self.count_error(operation)
+            raise SharedStateDown(operation)
         started = self._monotonic()
-        bound = self._background_timeout if background else self._timeout
+        bound = asyncio.timeout(self._timeout + self._loop_lag())
         try:
-            async with asyncio.timeout(bound + self._loop_lag()):
+            async with bound:
+                self._in_flight.add(bound)
+                try:
+                    result = await command(self.client)
+                finally:
+                    self._in_flight.discard(bound)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(operation, exc, started, request=True)
+            raise SharedStateDown(operation, sent=True) from None
+        self._succeeded()
+        return result
+
+    async def _background_call(self, operation: str, command: Callable[[Redis], Awaitable[T]]) -> T:
+        started = self._monotonic()
+        try:
+            async with asyncio.timeout(self._background_timeout + self._loop_lag()):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(operation, exc, started)
-            raise SharedStateDown(operation) from None
-        self._failures = 0
+            raise SharedStateDown(operation, sent=True) from None
+        self._succeeded()
         return result
 
-    def _failed(self, operation: str, exc: BaseException, started: float) -> None:
-        if self._on_error is not None:
-            self._on_error(operation)
+    def _succeeded(self) -> None:
+        self._failures = 0
+        self._suspect = False
+
+    def _failed(
+        self, operation: str, exc: BaseException, started: float, *, request: bool = False
+    ) -> None:
+        self.count_error(operation)
+        if request and self._suspect:
+            return  # cut short by the first timeout: the background ping decides
+        if request and _is_timeout(exc):
+            self._suspected()
         if started < self._last_failure_at:
             # In flight together with a failure already counted: one burst of concurrent
             # calls timing out at once (a busy event loop) is one failure, not ten.
             return
         self._last_failure_at = self._monotonic()
         self._failures += 1
-        if self._failures >= FAILURES_TO_OPEN and not self._open:
+        # While suspect, a failed background call confirms it: a stalled Redis is gone, not
+        # flaky (and requests are already skipping it).
+        if (self._failures >= FAILURES_TO_OPEN or (self._suspect and not request)) and not (
+            self._open
+        ):
             self._open = True
             self._set_up(False, reason=f"{operation}: {type(exc).__name__}")
+
+    def _suspected(self) -> None:
+        """A request-path call timed out: fail the others in flight now, skip Redis on the
+        request path from now on, and let one background ping decide."""
+        self._suspect = True
+        now = asyncio.get_running_loop().time()
+        for bound in self._in_flight:
+            if not bound.expired():
+                bound.reschedule(now)
+        if self._verdict is None or self._verdict.done():
+            self._verdict = asyncio.get_running_loop().create_task(self.probe_once())
+
+    @property
+    def suspect(self) -> bool:
+        return self._suspect
+
+    def count_error(self, operation: str) -> None:
+        if self._on_error is not None:
+            self._on_error(operation)
 
     def _set_up(self, up: bool, *, reason: str = "") -> None:
         if up == self.up:
@@ -167,18 +251,43 @@ class SharedState:
     # ------------------------------------------------------------------ probe loop
 
     async def probe_once(self) -> bool:
-        """One ping outside the breaker; closes or opens it. True if Redis answered."""
+        """One ping (a TIME, which also samples Redis's clock) outside the breaker; closes or
+        opens it. True if Redis answered."""
         started = self._monotonic()
         try:
-            async with asyncio.timeout(self._background_timeout):
-                await self.client.ping()
+            async with asyncio.timeout(self._background_timeout + self._loop_lag()):
+                seconds, micros = await self.client.time()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("ping", exc, started)
             return False
-        self._failures = 0
+        self._sample_clock(int(seconds) * 1000 + int(micros) / 1000, started)
+        self._succeeded()
         self._open = False
         self._set_up(True)
         return True
+
+    def _sample_clock(self, redis_ms: float, sent: float) -> None:
+        received = self._monotonic()
+        rtt = received - sent
+        best = self._clock_sample
+        if best is None or rtt <= best[2] or received - best[1] > CLOCK_SAMPLE_MAX_AGE_S:
+            self._clock_sample = (redis_ms, (sent + received) / 2, rtt)
+
+    def deadline_ms(self) -> int:
+        """Redis's clock (estimated from the probes' TIME) by which a request-path call sent
+        now has certainly been given up; 0 when not known yet. A script that finds itself
+        past it must do nothing: its caller has already fallen back (after a stall, Redis
+        runs every buffered command at once)."""
+        sample = self._clock_sample
+        if sample is None:
+            return 0
+        redis_ms, at, rtt = sample
+        late_s = self._timeout + self._loop_lag() + DEADLINE_SLACK_S + rtt
+        return int(redis_ms + (self._monotonic() - at + late_s) * 1000)
+
+    def forget_clock(self) -> None:
+        """A script refused a deadline its caller had not reached: re-sample the clock."""
+        self._clock_sample = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +311,7 @@ class SharedState:
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def close(self) -> None:
-        for task in (self._probe, self._lag_task):
+        for task in (self._probe, self._lag_task, self._verdict):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -214,6 +323,6 @@ class SharedState:
         return {
             "configured": True,
             "up": self.up,
-            "breaker": "OPEN" if self._open else "CLOSED",
+            "breaker": "OPEN" if self._open else "SUSPECT" if self._suspect else "CLOSED",
             "sinceS": round(self._monotonic() - self.last_change, 3),
         }
